@@ -1,0 +1,48 @@
+# Two commands for a new user: `make run` and `make test`. Both create .venv and install
+# everything they need; nothing else has to be set up by hand.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+INPUT   ?= data/sample_images
+OUTPUT  ?= output
+MODEL   ?= fasterrcnn_resnet50_fpn_v2
+WEIGHTS ?=
+ARGS    ?=
+
+.PHONY: run test lint install install-dev test-weights clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/detectflow run --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+# Offline weights for trying `make run` on a machine that cannot download torchvision's:
+# a real state dict, batch-norm recalibrated on the bundled photos (see tests/calibrated_weights.py).
+test-weights: install
+	$(BIN)/python tests/calibrated_weights.py --model $(MODEL) --images data/sample_images \
+		--out output/weights/$(MODEL)-calibrated.pth
+
+clean:
+	rm -rf output .pytest_cache

@@ -1,0 +1,3 @@
+from detectflow.cli import main
+
+raise SystemExit(main())

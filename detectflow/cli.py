@@ -1,0 +1,98 @@
+"""``detectflow run``: run the flow locally and print a one-screen summary.
+
+Known user errors (bad parameter, missing input, unavailable weights) print one line and exit 2
+before Ray or Prefect start; the exit code is 0 only when the flow run is Completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from detectflow.config import RunConfig
+from detectflow.errors import DetectflowError
+
+D = RunConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detectflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="detect objects in a folder or s3:// prefix of images")
+    run.add_argument("--input", dest="input_uri", default=D.input_uri,
+                     help="folder or s3://bucket/prefix (default: bundled sample images)")
+    run.add_argument("--output", dest="output_uri", default="output",
+                     help="folder or s3:// prefix; the run writes OUTPUT/RUN_ID/")
+    run.add_argument("--model", default=D.model, help=f"torchvision detector (default {D.model})")
+    run.add_argument("--weights", default=None,
+                     help=".pth path or s3:// URI (default: torchvision's pretrained weights)")
+    run.add_argument("--score-threshold", type=float, default=D.score_threshold)
+    run.add_argument("--batch-size", type=int, default=D.batch_size)
+    run.add_argument("--limit", type=int, default=None, help="only the first N images")
+    run.add_argument("--run-id", default=None, help="output folder name (default: time-based)")
+    run.add_argument("--ray-address", default=None,
+                     help="existing Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D.device)
+    run.add_argument("--num-actors", type=int, default=None)
+    run.add_argument("--gpus-per-actor", type=float, default=D.gpus_per_actor)
+    run.add_argument("--cpus-per-actor", type=float, default=D.cpus_per_actor)
+    run.add_argument("--sample-size", type=int, default=D.sample_size)
+    return parser
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    counts = result["counts"]
+    lines = [
+        f"run {result['run_id']}: {counts['images']} images, {counts['succeeded']} ok, "
+        f"{counts['failed']} failed, {counts['detections']} detections",
+        f"model {result['model']['name']} (weights {result['model']['weights']['file']}, "
+        f"sha256 {result['model']['weights']['sha256'][:12]}…)",
+        f"detect stage: {result['images_per_second']} images/s; stages (s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items()),
+    ]
+    per_class = list(result["counts"]["per_class"].items())
+    if per_class:
+        lines.append("detections per class:")
+        lines += [f"  {name:<20} {n}" for name, n in per_class[:15]]
+        if len(per_class) > 15:
+            lines.append(f"  … {len(per_class) - 15} more classes")
+    for failure in result["failures"][:5]:
+        lines.append(f"failed: {failure['image_uri']}: {failure['error']}")
+    lines.append(f"manifest: {result['run_uri']}/manifest.json")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from detectflow.config import parse_config
+    from detectflow.models import resolve_weights
+
+    params = {k: v for k, v in vars(args).items() if k != "command"}
+    cfg = parse_config(**params).with_run_id()
+    resolve_weights(cfg.model, cfg.weights)  # seconds, not minutes, to learn weights are missing
+
+    from flows.detect_objects import detect_objects
+
+    flow_params = {k: v for k, v in cfg.model_dump().items() if k in detect_objects.parameters.properties}
+    state = detect_objects(**flow_params, return_state=True)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        reason = str(error) if isinstance(error, BaseException) else state.message
+        print(f"detectflow: run {cfg.run_id} failed: {reason}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print(format_summary(result))
+    print(result["run_uri"])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except DetectflowError as exc:
+        print(f"detectflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,149 @@
+"""The one typed run configuration.
+
+Every knob the CLI, the flow's parameters (and so the Prefect UI form) and the library share is
+declared here once, as an ``Annotated`` type with its constraints, so that a bad value is refused
+with the field's name before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from detectflow.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGES = REPO_ROOT / "data" / "sample_images"
+DEFAULT_MODEL = "fasterrcnn_resnet50_fpn_v2"
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+ModelName = Literal[
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn",
+    "fcos_resnet50_fpn",
+    "ssd300_vgg16",
+    "ssdlite320_mobilenet_v3_large",
+]
+InputUri = Annotated[
+    str, Field(min_length=1, description="Folder or s3://bucket/prefix holding the images.")
+]
+OutputUri = Annotated[
+    str, Field(min_length=1, description="Folder or s3:// prefix; the run writes <output>/<run_id>/.")
+]
+WeightsUri = Annotated[
+    str | None,
+    Field(description="Local .pth path or s3:// URI; empty = torchvision's pretrained weights."),
+]
+ScoreThreshold = Annotated[
+    float, Field(ge=0.0, le=1.0, description="Keep detections scoring at least this.")
+]
+BatchSize = Annotated[int, Field(ge=1, le=1024, description="Images per inference call.")]
+ImageLimit = Annotated[int | None, Field(ge=1, description="Process only the first N images.")]
+RunId = Annotated[
+    str | None,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Names the output folder; re-using one resumes or re-reads that run.",
+    ),
+]
+RayAddress = Annotated[
+    str | None, Field(description="Existing Ray cluster (ray://host:10001 or auto); empty = local.")
+]
+NumActors = Annotated[
+    int | None, Field(ge=1, description="Inference actors; empty = one per GPU, or 1 on CPU.")
+]
+GpusPerActor = Annotated[float, Field(ge=0.0, le=8.0, description="GPUs each actor reserves.")]
+CpusPerActor = Annotated[float, Field(gt=0.0, le=256.0, description="CPUs each CPU actor uses.")]
+SampleSize = Annotated[int, Field(ge=0, le=64, description="Images drawn for validation.")]
+Device = Literal["auto", "cuda", "cpu"]
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique enough for concurrent runs into one prefix."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+class RunConfig(BaseModel):
+    """Everything one run needs; defaults run the bundled sample images out of the box."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_uri: InputUri = str(SAMPLE_IMAGES)
+    output_uri: OutputUri = "output"
+    model: ModelName = DEFAULT_MODEL
+    weights: WeightsUri = None
+    score_threshold: ScoreThreshold = 0.5
+    batch_size: BatchSize = 4
+    limit: ImageLimit = None
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    run_id: RunId = None
+    ray_address: RayAddress = None
+    device: Device = "auto"
+    num_actors: NumActors = None
+    gpus_per_actor: GpusPerActor = 1.0
+    cpus_per_actor: CpusPerActor = 1.0
+    decode_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0
+    max_image_side: Annotated[int, Field(ge=64, le=65536)] = 4096
+    shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    sample_size: SampleSize = 4
+
+    @field_validator("input_uri", "output_uri")
+    @classmethod
+    def _absolute_local_paths(cls, value: str) -> str:
+        # Ray workers may run in another working directory: pin local paths now.
+        if "://" in value:
+            return value.rstrip("/")
+        return str(Path(value).expanduser().resolve())
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_path(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if "://" in value:
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _normalise_extensions(cls, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [v for v in re.split(r"[,\s]+", value) if v]
+        exts = tuple(sorted({("." + str(v).lower().lstrip(".")) for v in value}))  # type: ignore[union-attr]
+        if not exts:
+            raise ValueError("at least one extension is needed")
+        return exts
+
+    def with_run_id(self) -> RunConfig:
+        """A copy with a concrete run id, generated when none was given."""
+        return self if self.run_id else self.model_copy(update={"run_id": new_run_id()})
+
+    @property
+    def run_uri(self) -> str:
+        if not self.run_id:
+            raise ConfigError("run_id is not set yet")
+        return f"{self.output_uri}/{self.run_id}"
+
+
+def parse_config(**params: object) -> RunConfig:
+    """Build a RunConfig, turning pydantic's multi-line report into one readable line."""
+    from pydantic import ValidationError
+
+    try:
+        return RunConfig(**params)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        parts = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid parameter " + "; ".join(parts)) from None

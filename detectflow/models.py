@@ -1,0 +1,161 @@
+"""Detector registry, weights resolution (enum / local path / s3://) and model loading.
+
+Weights are always loaded from a file with ``torch.load(..., weights_only=True)``: a pickle that
+carries code is refused by torch itself. The weights identity (file name + sha256) goes into the
+manifest so a consumer knows exactly which model produced the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torchvision.models import get_model_builder, get_model_weights
+
+from detectflow import storage
+from detectflow.errors import WeightsError
+
+# Keyword each builder uses for its own score cut-off, so low-scoring boxes are dropped inside
+# the model (cheaper) rather than only afterwards.
+_SCORE_KWARG = {
+    "fasterrcnn": "box_score_thresh",
+    "retinanet": "score_thresh",
+    "fcos": "score_thresh",
+    "ssd": "score_thresh",
+    "ssdlite": "score_thresh",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where the weights file for this run is, and what it is."""
+
+    source: str  # what the user asked for: "torchvision:<Enum>", a path or an s3:// URI
+    path: str  # a local file on this node
+    file_name: str
+    sha256: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"source": self.source, "file": self.file_name, "sha256": self.sha256}
+
+
+def default_weights(model: str):
+    """The torchvision weights enum entry the reference recipe uses (``.DEFAULT``)."""
+    return get_model_weights(model).DEFAULT
+
+
+def categories(model: str) -> list[str]:
+    return list(default_weights(model).meta["categories"])
+
+
+def hub_checkpoint_path(model: str) -> Path:
+    """Where torch's hub cache keeps the pretrained file for ``model``."""
+    file_name = os.path.basename(default_weights(model).url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+@lru_cache(maxsize=16)
+def _sha256_local(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256(path: str) -> str:
+    stat = os.stat(path)
+    return _sha256_local(path, stat.st_mtime_ns, stat.st_size)
+
+
+def _weights_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "detectflow"
+
+
+def resolve_weights(model: str, weights: str | None) -> ResolvedWeights:
+    """Find (or fetch) the weights file and hash it. Fails with one line when impossible."""
+    if not weights:
+        enum = default_weights(model)
+        target = hub_checkpoint_path(model)
+        if not target.exists():
+            try:
+                enum.get_state_dict(progress=False, check_hash=True)
+            except Exception as exc:  # offline, proxy, HTTP error: all mean "not available here"
+                raise WeightsError(
+                    f"weights for {model} are not available: need {target.name} "
+                    f"({type(exc).__name__} downloading {enum.url}); supply them with "
+                    f"--weights PATH_OR_S3_URI, or place the file at {target} (torch hub cache)"
+                ) from None
+        return ResolvedWeights(
+            f"torchvision:{type(enum).__name__}.{enum.name}", str(target), target.name,
+            _sha256(str(target)),
+        )
+    if storage.is_local(weights):
+        path = weights.removeprefix("file://")
+        if not os.path.isfile(path):
+            raise WeightsError(f"weights for {model}: file not found: {path}")
+        return ResolvedWeights(weights, path, os.path.basename(path), _sha256(path))
+    # Remote (s3://...): copy once into the local cache, named by the URI's hash.
+    name = os.path.basename(weights.rstrip("/")) or "weights.pth"
+    local = _weights_cache_dir() / hashlib.sha256(weights.encode()).hexdigest()[:16] / name
+    if not local.exists():
+        try:
+            data = storage.read_bytes(weights)
+        except FileNotFoundError:
+            raise WeightsError(f"weights for {model}: not found: {weights}") from None
+        except Exception as exc:
+            raise WeightsError(
+                f"weights for {model}: cannot read {weights}: {type(exc).__name__}"
+            ) from None
+        storage.atomic_write_bytes(str(local), data)
+    return ResolvedWeights(weights, str(local), name, _sha256(str(local)))
+
+
+def build_model(model: str, score_threshold: float = 0.05) -> torch.nn.Module:
+    """The torchvision architecture with no weights (nothing is downloaded here)."""
+    family = model.split("_", 1)[0]
+    kwargs = {_SCORE_KWARG[family]: score_threshold} if family in _SCORE_KWARG else {}
+    builder = get_model_builder(model)
+    return builder(
+        weights=None, weights_backbone=None, num_classes=len(categories(model)), **kwargs
+    )
+
+
+def load_model(
+    model: str, weights: ResolvedWeights, score_threshold: float, device: str = "cpu"
+) -> torch.nn.Module:
+    """Build ``model`` and load ``weights`` into it, strictly; eval mode on ``device``."""
+    net = build_model(model, score_threshold)
+    try:
+        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise WeightsError(
+            f"weights for {model}: cannot load {weights.source} safely "
+            f"(weights_only=True): {type(exc).__name__}: {first}"
+        ) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # torchvision reference training checkpoints
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights for {model}: {weights.source} does not hold a state dict")
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: another architecture or class count
+        raise WeightsError(
+            f"weights for {model}: {weights.source} does not match the model "
+            f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
+        ) from None
+    # Frozen and regular batch norm differ only by the num_batches_tracked counter.
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights for {model}: {weights.source} does not match the model "
+            f"({len(missing)} missing keys e.g. {missing[:2]}, "
+            f"{len(unexpected)} unexpected e.g. {unexpected[:2]})"
+        )
+    return net.eval().to(device)

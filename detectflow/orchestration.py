@@ -1,0 +1,90 @@
+"""Prefect ⇄ Ray glue: one Prefect API for every task run, Ray connected where the flow says.
+
+Measured pitfall (prefect 3.9.1, prefect-ray 0.6.0, ray 2.60.0): with no ``PREFECT_API_URL`` each
+Ray worker that runs a task starts its *own* temporary Prefect server, so the flow's API never sees
+its task runs. We hand the flow's own API URL to every Ray worker through ``runtime_env``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from prefect.task_runners import TaskRunner
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import remote_options
+
+from detectflow.errors import is_retryable
+
+log = logging.getLogger(__name__)
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures, never a user's mistake."""
+    exc = getattr(state, "data", None)
+    return is_retryable(exc) if isinstance(exc, BaseException) else True
+
+
+def prefect_api_url() -> str | None:
+    """The API this process's flow run reports to (the ephemeral server's URL included)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        return str(get_client(sync_client=True).api_url).rstrip("/")
+    except Exception:  # no API configured and ephemeral mode disabled
+        return None
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker needs so its task runs land in the flow's API."""
+    url = prefect_api_url()
+    return {"PREFECT_API_URL": url} if url else {}
+
+
+class LazyRayTaskRunner(RayTaskRunner):
+    """RayTaskRunner that leaves connecting to the flow body.
+
+    prefect-ray connects at flow start, before parameters are known; connecting in the body lets
+    the ``ray_address`` *parameter* (a field of the UI form) choose the cluster.
+    """
+
+    def __enter__(self):  # noqa: D105 - skip RayTaskRunner's eager ray.init
+        TaskRunner.__enter__(self)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:  # noqa: D105 - never shut down Ray here
+        TaskRunner.__exit__(self, *exc_info)
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None, env: dict[str, str]) -> Iterator[dict[str, float]]:
+    """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray).
+
+    Yields the cluster's resources. An existing connection (e.g. a test's) is reused and left
+    open; ``ray.shutdown()`` at the end stops a local Ray we started, and only disconnects from
+    an existing cluster, which keeps running.
+    """
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "namespace": "detectflow"}
+        if address:
+            log.info("connecting to Ray at %s", address)
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    try:
+        yield ray.cluster_resources()
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def task_options(env: dict[str, str], num_cpus: float = 0) -> Iterator[None]:
+    """Ray options for our Prefect tasks: they orchestrate (Ray Data does the heavy work), so
+    they hold no CPU that decoding or inference could use, and they report to the flow's API."""
+    with remote_options(num_cpus=num_cpus, runtime_env={"env_vars": env}):
+        yield

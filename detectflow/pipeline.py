@@ -1,0 +1,196 @@
+"""The Ray Data detect pipeline: plan resources, stream listing → decode → infer → staged shards.
+
+Results stream back to the caller (they carry no pixels, so they are small) and are written per
+listing shard as soon as a shard is complete, under deterministic names. Progress is reported
+through a callback, so the Prefect task can log it and move a progress artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from detectflow import storage
+from detectflow.config import RunConfig
+from detectflow.errors import ConfigError
+from detectflow.predictor import Detector, decode_batch
+
+MAX_LISTED_FAILURES = 1000
+DECODE_BATCH = 16
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How the detect stage uses the cluster; logged once and recorded in the manifest."""
+
+    device: str
+    num_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    decode_cpus: float
+    batch_size: int
+    cluster_cpus: float
+    cluster_gpus: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_actors} {self.device} actor(s) x (gpus={self.gpus_per_actor:g}, "
+            f"cpus={self.cpus_per_actor:g}), batch {self.batch_size}, decode cpus "
+            f"{self.decode_cpus:g}; cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU"
+        )
+
+
+def plan_resources(cfg: RunConfig, cluster: dict[str, float]) -> ResourcePlan:
+    """Pure: GPU actors (one per ``gpus_per_actor``) when the cluster has GPUs, else CPU actors."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if cfg.device == "cuda" and gpus == 0:
+        raise ConfigError("device=cuda was requested but the Ray cluster has no GPU")
+    if cfg.device != "cpu" and gpus > 0 and cfg.gpus_per_actor > 0:
+        actors = cfg.num_actors or max(1, int(gpus // cfg.gpus_per_actor))
+        return ResourcePlan("cuda", actors, cfg.gpus_per_actor, 1.0, cfg.decode_cpus,
+                            cfg.batch_size, cpus, gpus)
+    actors = cfg.num_actors or 1
+    if actors * cfg.cpus_per_actor + cfg.decode_cpus > cpus:
+        raise ConfigError(
+            f"{actors} CPU actor(s) x {cfg.cpus_per_actor:g} CPU + {cfg.decode_cpus:g} for decoding "
+            f"exceed the cluster's {cpus:g} CPUs; lower num_actors or cpus_per_actor"
+        )
+    return ResourcePlan("cpu", actors, 0.0, cfg.cpus_per_actor, cfg.decode_cpus,
+                        cfg.batch_size, cpus, gpus)
+
+
+def shard_sizes(images: int, shard_size: int) -> dict[int, int]:
+    """Expected row count of every listing shard."""
+    full, rest = divmod(images, shard_size)
+    sizes = {k: shard_size for k in range(full)}
+    if rest:
+        sizes[full] = rest
+    return sizes
+
+
+@dataclass
+class DetectStats:
+    """What the detect stage produced; small enough to pass between Prefect tasks."""
+
+    images: int = 0
+    failed: int = 0
+    detections: int = 0
+    per_class: Counter = field(default_factory=Counter)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    staged: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, table: pa.Table) -> None:
+        self.images += table.num_rows
+        errors = table.column("error")
+        failed_mask = pc.is_valid(errors)
+        self.failed += pc.sum(failed_mask).as_py() or 0
+        names = pc.list_flatten(table.column("label_names"))
+        self.detections += len(names)
+        for entry in pc.value_counts(names).to_pylist():
+            self.per_class[entry["values"]] += entry["counts"]
+        if len(self.failures) < MAX_LISTED_FAILURES:
+            bad = table.filter(failed_mask).select(["image_uri", "error"]).to_pylist()
+            self.failures.extend(bad[: MAX_LISTED_FAILURES - len(self.failures)])
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["per_class"] = dict(sorted(self.per_class.items(), key=lambda kv: (-kv[1], kv[0])))
+        out["images_per_second"] = round(self.images / self.seconds, 3) if self.seconds else None
+        return out
+
+
+class ShardWriter:
+    """Buffers streamed rows per shard and writes each shard once it is complete."""
+
+    def __init__(self, staging_uri: str, expected: dict[int, int]) -> None:
+        self.staging_uri = staging_uri
+        self.expected = expected
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.counts: Counter = Counter()
+        self.written: list[dict[str, Any]] = []
+
+    def add(self, table: pa.Table) -> None:
+        for shard in pc.unique(table.column("shard")).to_pylist():
+            part = table.filter(pc.equal(table.column("shard"), shard))
+            self.pending.setdefault(shard, []).append(part)
+            self.counts[shard] += part.num_rows
+            if self.counts[shard] >= self.expected[shard]:
+                self._write(shard)
+
+    def _write(self, shard: int) -> None:
+        table = pa.concat_tables(self.pending.pop(shard)).sort_by("index")
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        uri = storage.join(self.staging_uri, f"shard-{shard:05d}.parquet")
+        info = storage.atomic_write_bytes(uri, sink.getvalue().to_pybytes())
+        self.written.append({"shard": shard, "uri": uri, "rows": table.num_rows, **info})
+
+    def missing(self) -> dict[int, int]:
+        return {k: n - self.counts[k] for k, n in self.expected.items() if self.counts[k] != n}
+
+
+def build_dataset(cfg: RunConfig, listing_uri: str, plan: ResourcePlan):
+    """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
+    import ray.data
+
+    filesystem, path = storage.arrow_fs(listing_uri)
+    ds = ray.data.read_parquet(path, filesystem=filesystem)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"max_side": cfg.max_image_side},
+        batch_size=DECODE_BATCH,
+        batch_format="pyarrow",
+        num_cpus=plan.decode_cpus,
+    )
+    return ds.map_batches(
+        Detector,
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "weights": cfg.weights,
+            "score_threshold": cfg.score_threshold,
+            "run_id": cfg.run_id,
+            "num_gpus": plan.gpus_per_actor,
+            "device": cfg.device,
+            "cpu_threads": max(1, int(plan.cpus_per_actor)),
+        },
+        batch_size=plan.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        num_gpus=plan.gpus_per_actor,
+        num_cpus=plan.cpus_per_actor,
+    )
+
+
+def run_detection(
+    cfg: RunConfig,
+    listing_uri: str,
+    staging_uri: str,
+    images: int,
+    plan: ResourcePlan,
+    on_progress: Callable[[int, int, float], None] | None = None,
+) -> DetectStats:
+    """Execute the pipeline, stream results into staged shards, and count what came out."""
+    storage.remove(staging_uri)
+    writer = ShardWriter(staging_uri, shard_sizes(images, cfg.shard_size))
+    stats = DetectStats()
+    start = time.perf_counter()
+    dataset = build_dataset(cfg, listing_uri, plan)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.add(batch)
+        stats.add(batch)
+        if on_progress:
+            on_progress(stats.images, images, time.perf_counter() - start)
+    stats.seconds = time.perf_counter() - start
+    missing = writer.missing()
+    if missing:
+        raise RuntimeError(f"detect stage lost rows: shard -> missing count {missing}")
+    stats.staged = sorted(writer.written, key=lambda w: w["shard"])
+    return stats

@@ -1,0 +1,123 @@
+"""Publish a run: staged shards → final Parquet files, then the manifest as the commit point.
+
+Order matters for consumers: every data file is complete (atomic write) before the manifest that
+lists it exists, and the manifest is written once, atomically, last. A reader that finds
+``manifest.json`` can trust every file it names (row counts, sizes and sha256 are in it).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from detectflow import __version__, storage
+from detectflow.schema import published
+
+MANIFEST = "manifest.json"
+DETECTIONS = "detections"
+SAMPLES = "samples"
+STAGING = "_staging"
+
+
+def run_paths(run_uri: str) -> dict[str, str]:
+    """Every location of a run, defined once."""
+    return {
+        "run": run_uri,
+        "manifest": storage.join(run_uri, MANIFEST),
+        "detections": storage.join(run_uri, DETECTIONS),
+        "samples": storage.join(run_uri, SAMPLES),
+        "staging": storage.join(run_uri, STAGING),
+        "listing": storage.join(run_uri, STAGING, "listing"),
+        "staged": storage.join(run_uri, STAGING, "detections"),
+    }
+
+
+def publish_shard(staged_uri: str, target_uri: str, metadata: dict[str, str]) -> dict[str, Any]:
+    """Rewrite one staged shard with the published schema (+ run metadata), atomically."""
+    fs, path = storage.get_fs(staged_uri)
+    with fs.open(path, "rb") as handle:
+        table = published(pq.read_table(handle))
+    schema_meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
+    table = table.replace_schema_metadata(schema_meta)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    info = storage.atomic_write_bytes(target_uri, sink.getvalue().to_pybytes())
+    return {"rows": table.num_rows, **info}
+
+
+def versions() -> dict[str, str]:
+    import prefect
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "detectflow": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "prefect": prefect.__version__,
+        "pyarrow": pa.__version__,
+    }
+
+
+def build_manifest(
+    *,
+    run_id: str,
+    run_uri: str,
+    parameters: dict[str, Any],
+    weights: dict[str, str],
+    plan: dict[str, Any],
+    input_count: int,
+    stats: dict[str, Any],
+    files: list[dict[str, Any]],
+    samples: list[str],
+    stage_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Pure: the manifest document. Paths inside are relative to the run folder."""
+    detect_seconds = stage_seconds.get("detect") or 0.0
+    return {
+        "manifest_version": 1,
+        "run_id": run_id,
+        "run_uri": run_uri,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "parameters": parameters,
+        "model": {"name": parameters["model"], "weights": weights},
+        "resources": plan,
+        "input": {"uri": parameters["input_uri"], "count": input_count},
+        "output": {
+            "format": "parquet",
+            "rows": sum(f["rows"] for f in files),
+            "files": files,
+            "samples": samples,
+        },
+        "counts": {
+            "images": stats["images"],
+            "succeeded": stats["images"] - stats["failed"],
+            "failed": stats["failed"],
+            "detections": stats["detections"],
+            "per_class": stats["per_class"],
+        },
+        "failures": stats["failures"],
+        "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
+        "images_per_second": round(stats["images"] / detect_seconds, 3) if detect_seconds else None,
+        "versions": versions(),
+    }
+
+
+def write_manifest(run_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    data = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    return storage.atomic_write_bytes(run_paths(run_uri)["manifest"], data)
+
+
+def read_manifest(run_uri: str) -> dict[str, Any] | None:
+    uri = run_paths(run_uri)["manifest"]
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_bytes(uri))

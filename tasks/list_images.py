@@ -1,0 +1,21 @@
+"""Stage 1: list the input images (stable order) into listing shards in the run's staging area."""
+
+import time
+
+from prefect import get_run_logger, task
+
+from detectflow.config import RunConfig
+from detectflow.listing import write_listing
+from detectflow.orchestration import retry_unless_user_error
+from detectflow.publish import run_paths
+
+
+@task(name="list_images", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
+def list_images(cfg: RunConfig) -> dict:
+    start = time.perf_counter()
+    listing_uri = run_paths(cfg.run_uri)["listing"]
+    counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit)
+    get_run_logger().info(
+        "listed %d images in %d shard(s) from %s", counts["images"], counts["shards"], cfg.input_uri
+    )
+    return {"listing_uri": listing_uri, **counts, "seconds": time.perf_counter() - start}

@@ -1,0 +1,47 @@
+"""Stage 5: write the manifest last (the commit point), then tidy staging and link it in Prefect."""
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact
+
+from detectflow import storage
+from detectflow.config import RunConfig
+from detectflow.orchestration import retry_unless_user_error
+from detectflow.publish import build_manifest, run_paths, write_manifest
+
+
+@task(name="publish_manifest", retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_unless_user_error)
+def publish_manifest(
+    cfg: RunConfig, weights: dict, listing: dict, detected: dict, sample: dict, written: dict
+) -> dict:
+    start = time.perf_counter()
+    paths = run_paths(cfg.run_uri)
+    stage_seconds = {
+        "list_images": listing["seconds"],
+        "detect": detected["seconds"],
+        "validate_sample": sample["seconds"],
+        "write_parquet": written["seconds"],
+    }
+    manifest = build_manifest(
+        run_id=cfg.run_id,
+        run_uri=cfg.run_uri,
+        parameters=cfg.model_dump(mode="json"),
+        weights=weights,
+        plan=detected["plan"],
+        input_count=listing["images"],
+        stats=detected,
+        files=written["files"],
+        samples=sample["samples"],
+        stage_seconds=stage_seconds,
+    )
+    write_manifest(cfg.run_uri, manifest)
+    storage.remove(paths["staging"])
+    uri = paths["manifest"]
+    link = uri if "://" in uri else f"file://{uri}"
+    create_link_artifact(key="run-manifest", link=link, link_text=f"manifest of run {cfg.run_id}",
+                         description=f"{manifest['counts']['images']} images, "
+                                     f"{manifest['counts']['detections']} detections")
+    get_run_logger().info("published %s", uri)
+    return {**manifest, "manifest_uri": uri, "publish_seconds": time.perf_counter() - start}
