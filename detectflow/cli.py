@@ -11,34 +11,34 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from detectflow.config import RunConfig
+from detectflow.config import DEFAULTS
 from detectflow.errors import DetectflowError
 
-D = RunConfig()
+D = DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detectflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="detect objects in a folder or s3:// prefix of images")
-    run.add_argument("--input", dest="input_uri", default=D.input_uri,
+    run.add_argument("--input", dest="input_uri", default=D["input_uri"],
                      help="folder or s3://bucket/prefix (default: bundled sample images)")
     run.add_argument("--output", dest="output_uri", default="output",
                      help="folder or s3:// prefix; the run writes OUTPUT/RUN_ID/")
-    run.add_argument("--model", default=D.model, help=f"torchvision detector (default {D.model})")
+    run.add_argument("--model", default=D["model"], help=f"torchvision detector (default {D['model']})")
     run.add_argument("--weights", default=None,
                      help=".pth path or s3:// URI (default: torchvision's pretrained weights)")
-    run.add_argument("--score-threshold", type=float, default=D.score_threshold)
-    run.add_argument("--batch-size", type=int, default=D.batch_size)
+    run.add_argument("--score-threshold", type=float, default=D["score_threshold"])
+    run.add_argument("--batch-size", type=int, default=D["batch_size"])
     run.add_argument("--limit", type=int, default=None, help="only the first N images")
     run.add_argument("--run-id", default=None, help="output folder name (default: time-based)")
     run.add_argument("--ray-address", default=None,
                      help="existing Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D.device)
+    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D["device"])
     run.add_argument("--num-actors", type=int, default=None)
-    run.add_argument("--gpus-per-actor", type=float, default=D.gpus_per_actor)
-    run.add_argument("--cpus-per-actor", type=float, default=D.cpus_per_actor)
-    run.add_argument("--sample-size", type=int, default=D.sample_size)
+    run.add_argument("--gpus-per-actor", type=float, default=D["gpus_per_actor"])
+    run.add_argument("--cpus-per-actor", type=float, default=D["cpus_per_actor"])
+    run.add_argument("--sample-size", type=int, default=D["sample_size"])
     return parser
 
 

@@ -76,7 +76,7 @@ def new_run_id() -> str:
 class RunConfig(BaseModel):
     """Everything one run needs; defaults run the bundled sample images out of the box."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     input_uri: InputUri = str(SAMPLE_IMAGES)
     output_uri: OutputUri = "output"
@@ -133,6 +133,9 @@ class RunConfig(BaseModel):
         if not self.run_id:
             raise ConfigError("run_id is not set yet")
         return f"{self.output_uri}/{self.run_id}"
+
+
+DEFAULTS = {name: field.default for name, field in RunConfig.model_fields.items()}
 
 
 def parse_config(**params: object) -> RunConfig:

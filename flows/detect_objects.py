@@ -7,6 +7,7 @@ list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → val
 from prefect import flow, get_run_logger
 
 from detectflow.config import (
+    DEFAULTS,
     BatchSize,
     CpusPerActor,
     Device,
@@ -17,7 +18,6 @@ from detectflow.config import (
     NumActors,
     OutputUri,
     RayAddress,
-    RunConfig,
     RunId,
     SampleSize,
     ScoreThreshold,
@@ -29,25 +29,25 @@ from detectflow.orchestration import LazyRayTaskRunner, ray_cluster, task_option
 from detectflow.publish import read_manifest
 from tasks import detect, list_images, publish_manifest, validate_sample, write_parquet
 
-D = RunConfig()
+D = DEFAULTS
 
 
 @flow(name="detect-objects", task_runner=LazyRayTaskRunner(), log_prints=True)
 def detect_objects(
-    input_uri: InputUri = D.input_uri,
-    output_uri: OutputUri = D.output_uri,
-    model: ModelName = D.model,
-    weights: WeightsUri = D.weights,
-    score_threshold: ScoreThreshold = D.score_threshold,
-    batch_size: BatchSize = D.batch_size,
-    limit: ImageLimit = D.limit,
-    run_id: RunId = D.run_id,
-    ray_address: RayAddress = D.ray_address,
-    device: Device = D.device,
-    num_actors: NumActors = D.num_actors,
-    gpus_per_actor: GpusPerActor = D.gpus_per_actor,
-    cpus_per_actor: CpusPerActor = D.cpus_per_actor,
-    sample_size: SampleSize = D.sample_size,
+    input_uri: InputUri = D["input_uri"],
+    output_uri: OutputUri = D["output_uri"],
+    model: ModelName = D["model"],
+    weights: WeightsUri = D["weights"],
+    score_threshold: ScoreThreshold = D["score_threshold"],
+    batch_size: BatchSize = D["batch_size"],
+    limit: ImageLimit = D["limit"],
+    run_id: RunId = D["run_id"],
+    ray_address: RayAddress = D["ray_address"],
+    device: Device = D["device"],
+    num_actors: NumActors = D["num_actors"],
+    gpus_per_actor: GpusPerActor = D["gpus_per_actor"],
+    cpus_per_actor: CpusPerActor = D["cpus_per_actor"],
+    sample_size: SampleSize = D["sample_size"],
 ) -> dict:
     """Detect objects in every image under ``input_uri``; publish ``<output_uri>/<run_id>/``."""
     cfg = parse_config(**locals()).with_run_id()

@@ -1,0 +1,105 @@
+"""Configuration validation, listing order/filters/sharding, atomic storage writes."""
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from detectflow import storage
+from detectflow.config import RunConfig, parse_config
+from detectflow.errors import ConfigError, InputError
+from detectflow.listing import iter_images, write_listing
+from detectflow.pipeline import plan_resources, shard_sizes
+
+
+def test_defaults_run_the_bundled_images(sample_dir):
+    cfg = RunConfig()
+    assert cfg.input_uri == str(sample_dir) and cfg.model == "fasterrcnn_resnet50_fpn_v2"
+    assert os.path.isabs(cfg.output_uri) and cfg.score_threshold == 0.5
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [({"score_threshold": 1.5}, "score_threshold"), ({"batch_size": 0}, "batch_size"),
+     ({"model": "resnet50"}, "model"), ({"run_id": "../escape"}, "run_id"),
+     ({"limit": 0}, "limit"), ({"extensions": []}, "extensions")],
+)
+def test_bad_parameters_fail_with_one_line_naming_the_field(params, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(**params)
+    message = str(err.value)
+    assert field in message and "\n" not in message
+
+
+def test_run_ids_are_generated_unique_and_safe():
+    a, b = RunConfig().with_run_id(), RunConfig().with_run_id()
+    assert a.run_id != b.run_id and storage.safe_name(a.run_id) == a.run_id
+    assert RunConfig(run_id="fixed").with_run_id().run_id == "fixed"
+
+
+def test_extensions_are_normalised():
+    assert RunConfig(extensions="JPG, .png").extensions == (".jpg", ".png")
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_listing_is_sorted_recursive_filtered(tmp_path):
+    for name in ["b.JPG", "a.png", "sub/c.jpeg", "notes.txt", ".hidden.jpg", "sub/d.gif"]:
+        _touch(tmp_path / name)
+    uris = [u for u, _ in iter_images(str(tmp_path), (".jpg", ".jpeg", ".png"))]
+    assert uris == [str(tmp_path / n) for n in ["a.png", "b.JPG", "sub/c.jpeg"]]
+
+
+def test_listing_shards_have_stable_positions_and_honour_limit(tmp_path):
+    for i in range(7):
+        _touch(tmp_path / "in" / f"{i:02d}.jpg")
+    out = tmp_path / "listing"
+    counts = write_listing(str(tmp_path / "in"), str(out), (".jpg",), shard_size=3, limit=5)
+    assert counts == {"images": 5, "shards": 2}
+    files = sorted(os.listdir(out))
+    assert files == ["shard-00000.parquet", "shard-00001.parquet"]
+    rows = pq.read_table(out / files[0]).to_pylist() + pq.read_table(out / files[1]).to_pylist()
+    assert [r["index"] for r in rows] == list(range(5))
+    assert [r["shard"] for r in rows] == [0, 0, 0, 1, 1]
+    assert rows[4]["image_uri"].endswith("04.jpg")
+
+
+def test_empty_or_missing_input_fails_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images with extensions .jpg under"):
+        write_listing(str(tmp_path / "empty"), str(tmp_path / "l"), (".jpg",), 10)
+    with pytest.raises(InputError, match="input not found"):
+        write_listing(str(tmp_path / "nope"), str(tmp_path / "l"), (".jpg",), 10)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "deep" / "file.bin"
+    info = storage.atomic_write_bytes(str(target), b"hello")
+    assert target.read_bytes() == b"hello" and os.listdir(target.parent) == ["file.bin"]
+    assert info == {"bytes": 5, "sha256": storage.sha256_bytes(b"hello")}
+    assert storage.sha256_file(str(target)) == info["sha256"]
+
+
+def test_safe_name_cannot_escape():
+    assert "/" not in storage.safe_name("../../etc/passwd") and storage.safe_name("..") == "file"
+
+
+def test_shard_sizes():
+    assert shard_sizes(7, 3) == {0: 3, 1: 3, 2: 1}
+    assert shard_sizes(6, 3) == {0: 3, 1: 3}
+
+
+def test_resource_plan_uses_gpus_when_present_else_cpu_actors():
+    gpu = plan_resources(RunConfig(gpus_per_actor=0.5), {"CPU": 16, "GPU": 2})
+    assert (gpu.device, gpu.num_actors, gpu.gpus_per_actor) == ("cuda", 4, 0.5)
+    cpu = plan_resources(RunConfig(), {"CPU": 2})
+    assert (cpu.device, cpu.num_actors, cpu.gpus_per_actor) == ("cpu", 1, 0.0)
+    forced = plan_resources(RunConfig(device="cpu", num_actors=2), {"CPU": 8, "GPU": 1})
+    assert (forced.device, forced.num_actors) == ("cpu", 2)
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan_resources(RunConfig(device="cuda"), {"CPU": 2})
+    with pytest.raises(ConfigError, match="exceed"):
+        plan_resources(RunConfig(num_actors=4), {"CPU": 2})

@@ -1,0 +1,83 @@
+"""Pure transforms: decoding, orientation, size bounding, box rescaling."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectflow import imaging
+
+
+def _jpeg(array: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_jpeg_gives_uint8_rgb_chw():
+    data = _jpeg(np.full((30, 40, 3), 200, np.uint8))
+    image = imaging.decode(data)
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 30, 40)
+    assert abs(int(image.float().mean()) - 200) <= 2
+
+
+def test_decode_applies_exif_orientation():
+    # 30 rows x 40 columns stored; orientation 6 means "rotate 90° clockwise to display".
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _jpeg(np.zeros((30, 40, 3), np.uint8), exif=exif.tobytes())
+    assert tuple(imaging.decode(data).shape) == (3, 40, 30)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16"])
+def test_decode_converts_modes_to_rgb(mode):
+    image = Image.new("RGB", (16, 12), (10, 120, 240)).convert(mode) if mode != "I;16" else (
+        Image.fromarray(np.full((12, 16), 40000, np.uint16))
+    )
+    data = _png(image) if mode != "CMYK" else _jpeg(np.asarray(Image.new("RGB", (16, 12))))
+    if mode == "CMYK":
+        buf = io.BytesIO()
+        Image.new("CMYK", (16, 12), (0, 50, 100, 0)).save(buf, format="JPEG")
+        data = buf.getvalue()
+    decoded = imaging.decode(data)
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == (3, 12, 16)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty file"), (b"this is text, not a JPEG", "cannot decode"),
+     (_jpeg(np.zeros((64, 64, 3), np.uint8))[:40], "cannot decode")],
+)
+def test_decode_rejects_bad_bytes_with_short_reason(data, reason):
+    with pytest.raises(imaging.DecodeError, match=reason):
+        imaging.decode(data)
+
+
+def test_bounded_size_keeps_aspect_and_never_upscales():
+    assert imaging.bounded_size(300, 400, 1000) == (300, 400)
+    assert imaging.bounded_size(9000, 12000, 4000) == (3000, 4000)
+    assert imaging.bounded_size(1, 5000, 100) == (1, 100)
+
+
+def test_limit_size_only_touches_large_images():
+    small = torch.zeros((3, 20, 30), dtype=torch.uint8)
+    assert imaging.limit_size(small, 30) is small
+    big = imaging.limit_size(torch.zeros((3, 200, 300), dtype=torch.uint8), 30)
+    assert tuple(big.shape) == (3, 20, 30) and big.dtype == torch.uint8
+
+
+def test_rescale_boxes_maps_back_to_original_pixels_and_clips():
+    boxes = np.array([[10, 5, 20, 15], [0, 0, 30, 20]], np.float32)
+    out = imaging.rescale_boxes(boxes, (20, 30), (200, 300))
+    np.testing.assert_allclose(out, [[100, 50, 200, 150], [0, 0, 300, 200]])
+    clipped = imaging.rescale_boxes(np.array([[-3, -1, 35, 25]], np.float32), (20, 30), (20, 30))
+    np.testing.assert_allclose(clipped, [[0, 0, 30, 20]])
+    assert imaging.rescale_boxes(np.zeros((0, 4)), (5, 5), (10, 10)).shape == (0, 4)

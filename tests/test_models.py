@@ -1,0 +1,75 @@
+"""Weights resolution and loading: the real torch/torchvision paths, offline."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from detectflow import models
+from detectflow.errors import WeightsError
+from detectflow.models import ResolvedWeights, load_model, resolve_weights
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # A closed local port as proxy: the download attempt fails at once, online or not.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    return tmp_path / "torch"
+
+
+def test_unavailable_pretrained_weights_fail_with_one_actionable_line(empty_torch_home):
+    with pytest.raises(WeightsError) as err:
+        resolve_weights("fasterrcnn_resnet50_fpn_v2", None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth" in message
+    assert "--weights" in message and str(empty_torch_home / "hub" / "checkpoints") in message
+
+
+def test_pretrained_weights_are_taken_from_the_torch_hub_cache(empty_torch_home, small_weights):
+    target = models.hub_checkpoint_path(SMALL)
+    target.parent.mkdir(parents=True)
+    shutil.copy(small_weights, target)
+    resolved = resolve_weights(SMALL, None)
+    assert resolved.path == str(target)
+    assert resolved.source == "torchvision:FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1"
+    assert resolved.sha256 == models._sha256(str(small_weights))
+    assert isinstance(load_model(SMALL, resolved, 0.5), torch.nn.Module)
+
+
+def test_local_weights_file_is_hashed_and_loads(small_weights):
+    resolved = resolve_weights(SMALL, str(small_weights))
+    assert resolved.file_name == small_weights.name and len(resolved.sha256) == 64
+    net = load_model(SMALL, resolved, 0.5)
+    assert not net.training
+
+
+def test_missing_weights_file_names_model_and_path(tmp_path):
+    with pytest.raises(WeightsError, match=f"{SMALL}: file not found: .*nope.pth"):
+        resolve_weights(SMALL, str(tmp_path / "nope.pth"))
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    other = tmp_path / "ssd.pth"
+    torch.save(models.build_model("ssdlite320_mobilenet_v3_large").state_dict(), other)
+    with pytest.raises(WeightsError, match="does not match the model") as err:
+        load_model(SMALL, resolve_weights(SMALL, str(other)), 0.5)
+    assert str(other) in str(err.value) and "\n" not in str(err.value)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/detectflow-pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": _Payload()}, evil)
+    with pytest.raises(WeightsError, match="cannot load .* safely"):
+        load_model(SMALL, ResolvedWeights(str(evil), str(evil), "evil.pth", "0"), 0.5)
+    assert not os.path.exists("/tmp/detectflow-pwned")

@@ -1,0 +1,72 @@
+"""The Ray Data UDFs called directly (no Ray): decode rows and the Detector actor's batches."""
+
+import pyarrow as pa
+import pytest
+
+from detectflow.predictor import Detector, decode_batch, group_by_shape
+from detectflow.schema import STAGED_SCHEMA
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def _listing(uris):
+    return pa.table({"image_uri": uris, "index": list(range(len(uris))),
+                     "shard": [0] * len(uris)})
+
+
+@pytest.fixture(scope="module")
+def detector(small_weights):
+    return Detector(SMALL, str(small_weights), 0.5, run_id="unit")
+
+
+def test_group_by_shape_keeps_first_seen_order():
+    assert group_by_shape([(2, 3), (4, 5), (2, 3), (1, 1)]) == [[0, 2], [1], [3]]
+
+
+def test_decode_batch_keeps_every_row_and_records_failures(sample_dir, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    uris = [str(sample_dir / "chelsea.jpg"), str(bad), str(tmp_path / "missing.jpg")]
+    out = decode_batch(_listing(uris), max_side=200)
+    rows = out.to_pylist()
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert (rows[0]["orig_width"], rows[0]["orig_height"]) == (451, 300)
+    assert max(rows[0]["width"], rows[0]["height"]) == 200  # bounded on the CPU side
+    assert len(rows[0]["pixels"]) == 3 * rows[0]["width"] * rows[0]["height"]
+    assert rows[1]["error"].startswith("cannot decode") and rows[1]["pixels"] is None
+    assert rows[2]["error"] == "file not found"
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_detector_returns_rows_in_original_pixels(detector, sample_dir, count):
+    uris = [str(p) for p in sorted(sample_dir.glob("*.jpg"))][:count]
+    decoded = decode_batch(_listing(uris), max_side=4096)
+    out = detector(decoded)
+    assert out.schema == STAGED_SCHEMA and out.num_rows == count
+    for row in out.to_pylist():
+        assert row["error"] is None and row["model"] == SMALL and row["run_id"] == "unit"
+        assert all(s >= 0.5 for s in row["scores"])
+        for x1, y1, x2, y2 in row["boxes"]:
+            assert 0 <= x1 <= x2 <= row["width"] and 0 <= y1 <= y2 <= row["height"]
+    assert sum(len(r["boxes"]) for r in out.to_pylist()) > 0
+
+
+def test_detector_boxes_follow_cpu_downscaling(small_weights, sample_dir):
+    """A huge image is downscaled before inference, yet boxes come back in original pixels."""
+    detector = Detector(SMALL, str(small_weights), 0.05, run_id="unit")
+    uri = [str(sample_dir / "coffee.jpg")]
+    full = detector(decode_batch(_listing(uri), max_side=4096)).to_pylist()[0]
+    small = detector(decode_batch(_listing(uri), max_side=300)).to_pylist()[0]
+    assert (small["width"], small["height"]) == (full["width"], full["height"]) == (600, 400)
+    assert small["boxes"] and max(b[2] for b in small["boxes"]) > 300  # not in 300-px space
+
+
+def test_failed_and_empty_rows_pass_through(detector, sample_dir, tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    decoded = decode_batch(_listing([str(empty), str(sample_dir / "rocket.jpg")]), 4096)
+    strict = Detector.__new__(Detector)
+    strict.__dict__.update(detector.__dict__, score_threshold=1.01)  # nothing can pass
+    rows = strict(decoded).to_pylist()
+    assert rows[0]["error"] == "empty file" and rows[0]["boxes"] == []
+    assert rows[1]["error"] is None and rows[1]["boxes"] == [] and rows[1]["width"] == 640
