@@ -1,0 +1,139 @@
+"""The whole flow on the bundled photos: real local Ray, real Prefect API, real Parquet."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from detectflow import models, storage
+from detectflow.imaging import decode
+from detectflow.schema import DETECTION_SCHEMA
+from flows.detect_objects import detect_objects
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest"}
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, prefect_api, sample_dir, small_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    state = detect_objects(
+        input_uri=str(sample_dir), output_uri=str(out), model=SMALL, weights=str(small_weights),
+        score_threshold=0.3, batch_size=2, run_id="flow-test", return_state=True,
+    )
+    assert state.is_completed(), state.message
+    return {"state": state, "result": state.result(), "dir": out / "flow-test"}
+
+
+def _read_table(run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    tables = [pq.read_table(run_dir / f["path"]) for f in manifest["output"]["files"]]
+    return manifest, tables
+
+
+def test_outputs_exist_and_parquet_reads_back(run, sample_dir):
+    run_dir = run["dir"]
+    assert sorted(os.listdir(run_dir)) == ["detections", "manifest.json", "samples"]
+    manifest, tables = _read_table(run_dir)
+    table = tables[0]
+    assert table.schema.equals(DETECTION_SCHEMA, check_metadata=False)
+    assert table.schema.metadata[b"detectflow.run_id"] == b"flow-test"
+    rows = table.to_pylist()
+    assert [r["image_uri"] for r in rows] == sorted(str(p) for p in sample_dir.glob("*.jpg"))
+    assert all(r["error"] is None and r["model"] == SMALL and r["run_id"] == "flow-test"
+               for r in rows)
+    assert sum(len(r["boxes"]) for r in rows) > 0
+    for row in rows:
+        height, width = decode(open(row["image_uri"], "rb").read()).shape[-2:]
+        assert (row["width"], row["height"]) == (width, height)
+        assert all(0.3 <= s <= 1 for s in row["scores"])
+
+
+def test_manifest_describes_exactly_what_was_written(run, small_weights):
+    run_dir = run["dir"]
+    manifest, tables = _read_table(run_dir)
+    assert manifest["run_id"] == "flow-test" and manifest["input"]["count"] == 5
+    assert manifest["model"] == {
+        "name": SMALL,
+        "weights": {"source": str(small_weights), "file": small_weights.name,
+                    "sha256": storage.sha256_file(str(small_weights))},
+    }
+    for entry, table in zip(manifest["output"]["files"], tables):
+        path = str(run_dir / entry["path"])
+        assert entry["sha256"] == storage.sha256_file(path)
+        assert entry["bytes"] == os.path.getsize(path) and entry["rows"] == table.num_rows
+    counts = manifest["counts"]
+    detections = sum(len(r) for t in tables for r in t.column("labels").to_pylist())
+    assert counts["images"] == 5 and counts["failed"] == 0 and counts["detections"] == detections
+    assert sum(counts["per_class"].values()) == detections
+    assert set(manifest["stage_seconds"]) == STAGES - {"publish_manifest"}
+    assert manifest["images_per_second"] > 0
+    assert manifest["parameters"]["score_threshold"] == 0.3
+    assert not (run_dir / "_staging").exists()
+
+
+def test_samples_are_drawn_pngs_of_the_original_size(run):
+    manifest = run["result"]
+    assert len(manifest["output"]["samples"]) == 4
+    for rel in manifest["output"]["samples"]:
+        data = (run["dir"] / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert decode(data).dtype == torch.uint8
+
+
+def test_every_task_run_lands_in_the_flow_api_completed(run):
+    flow_run_id = run["state"].state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        artifacts = {a.key for a in client.read_artifacts() if a.flow_run_id == flow_run_id}
+    assert {t.name.rsplit("-", 1)[0] for t in task_runs} == STAGES
+    assert all(t.state.is_completed() for t in task_runs) and len(task_runs) == 5
+    assert {"detection-samples", "detections-per-category", "run-manifest",
+            "detect-progress"} <= artifacts
+
+
+def test_rerun_of_a_published_run_changes_nothing(run, sample_dir, small_weights):
+    before = {p: p.stat().st_mtime_ns for p in run["dir"].rglob("*")}
+    again = detect_objects(input_uri=str(sample_dir), output_uri=str(run["dir"].parent),
+                           model=SMALL, weights=str(small_weights), run_id="flow-test")
+    assert again["run_id"] == "flow-test"
+    assert {p: p.stat().st_mtime_ns for p in run["dir"].rglob("*")} == before
+
+
+def test_empty_input_fails_the_run_with_one_clear_line(ray_local, prefect_api, tmp_path,
+                                                       small_weights):
+    (tmp_path / "empty").mkdir()
+    state = detect_objects(input_uri=str(tmp_path / "empty"), output_uri=str(tmp_path / "o"),
+                           model=SMALL, weights=str(small_weights), return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert "no images with extensions" in str(error) and str(tmp_path / "empty") in str(error)
+    assert not list((tmp_path / "o").rglob("manifest.json"))
+
+
+def test_parity_with_a_direct_per_image_model_call(run, small_weights):
+    """The pipeline's detections equal calling the same model on each image directly."""
+    weights = models.resolve_weights(SMALL, str(small_weights))
+    direct = models.load_model(SMALL, weights, score_threshold=0.3)
+    preprocess = models.default_weights(SMALL).transforms()
+    _, tables = _read_table(run["dir"])
+    compared = 0
+    for row in tables[0].to_pylist():
+        image = decode(open(row["image_uri"], "rb").read())
+        with torch.inference_mode():
+            ref = direct([preprocess(image)])[0]
+        assert row["labels"] == ref["labels"].tolist()
+        assert torch.allclose(torch.tensor(row["scores"]), ref["scores"], atol=1e-3)
+        if len(ref["boxes"]):
+            from torchvision.ops import box_iou
+
+            iou = box_iou(torch.tensor(row["boxes"]), ref["boxes"]).diagonal()
+            assert bool((iou >= 0.99).all()), iou
+            compared += len(ref["boxes"])
+    assert compared > 0
