@@ -1,0 +1,61 @@
+"""`detectflow run` as a user runs it: a fresh process, its own local Ray and Prefect API."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "detectflow"]
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),  # its own ephemeral API database
+        TORCH_HOME=str(tmp_path / "torch-home"),  # an empty hub cache
+        https_proxy="http://127.0.0.1:9",  # downloads fail at once, online or not
+        HTTPS_PROXY="http://127.0.0.1:9",
+    )
+    return env
+
+
+def test_missing_pretrained_weights_fail_fast_with_one_line(tmp_path):
+    proc = subprocess.run(CLI + ["run", "--output", str(tmp_path / "out")], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth" in lines[0]
+    assert "--weights" in lines[0] and "torch hub cache" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_parameter_is_refused_with_the_field_name(tmp_path):
+    proc = subprocess.run(CLI + ["run", "--score-threshold", "3"], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "score_threshold" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weights):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        CLI + ["run", "--input", str(ROOT / "data" / "sample_images"), "--output", str(out),
+               "--model", SMALL, "--weights", str(small_weights), "--limit", "2",
+               "--score-threshold", "0.3", "--run-id", "cli-run"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == str(out / "cli-run")
+    summary = "\n".join(lines[-25:])
+    assert "run cli-run: 2 images, 2 ok, 0 failed" in summary and "images/s" in summary
+    assert "detect: 2/2 images (100%)" in proc.stdout + proc.stderr  # progress was reported
+    table = pq.read_table(out / "cli-run" / "detections" / "part-00000.parquet")
+    assert table.num_rows == 2
+    assert (out / "cli-run" / "manifest.json").exists()
+    assert len(list((out / "cli-run" / "samples").glob("*.png"))) == 2
