@@ -44,6 +44,16 @@ def worker_env() -> dict[str, str]:
     return {"PREFECT_API_URL": url} if url else {}
 
 
+def completed(future: Any) -> Any:
+    """Wait for a task future; raise its own error if it failed, else return it.
+
+    Passing the (finished) future on to the next task keeps the dependency edge in Prefect's UI.
+    """
+    future.wait()
+    future.result()
+    return future
+
+
 class LazyRayTaskRunner(RayTaskRunner):
     """RayTaskRunner that leaves connecting to the flow body.
 
