@@ -66,20 +66,21 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from detectflow.config import parse_config
+    from detectflow.listing import require_images
     from detectflow.models import resolve_weights
 
     params = {k: v for k, v in vars(args).items() if k != "command"}
     cfg = parse_config(**params).with_run_id()
-    resolve_weights(cfg.model, cfg.weights)  # seconds, not minutes, to learn weights are missing
+    # Seconds, not minutes, to learn that weights or images are missing.
+    resolve_weights(cfg.model, cfg.weights)
+    require_images(cfg.input_uri, cfg.extensions)
 
     from flows.detect_objects import detect_objects
 
     flow_params = {k: v for k, v in cfg.model_dump().items() if k in detect_objects.parameters.properties}
     state = detect_objects(**flow_params, return_state=True)
     if not state.is_completed():
-        error = state.result(raise_on_failure=False)
-        reason = str(error) if isinstance(error, BaseException) else state.message
-        print(f"detectflow: run {cfg.run_id} failed: {reason}", file=sys.stderr)
+        print(f"detectflow: run {cfg.run_id} failed: {state.message}", file=sys.stderr)
         return 1
     result = state.result()
     print(format_summary(result))

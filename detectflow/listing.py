@@ -45,6 +45,12 @@ def iter_images(input_uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[s
         yield prefix + path, int(info.get("size") or 0)
 
 
+def require_images(input_uri: str, extensions: tuple[str, ...]) -> None:
+    """Fail in seconds, before any cluster starts, when there is nothing to process."""
+    if next(iter_images(input_uri, extensions), None) is None:
+        raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
+
+
 def write_listing(
     input_uri: str,
     listing_uri: str,

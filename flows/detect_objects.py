@@ -5,10 +5,13 @@ list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → val
 """
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from detectflow import config as t
 from detectflow.config import DEFAULTS as D
-from detectflow.config import parse_config
+from detectflow.config import RunConfig, parse_config
+from detectflow.errors import DetectflowError
+from detectflow.listing import require_images
 from detectflow.models import resolve_weights
 from detectflow.orchestration import (
     LazyRayTaskRunner,
@@ -39,11 +42,20 @@ def detect_objects(
     sample_size: t.SampleSize = D["sample_size"],
 ) -> dict:
     """Detect objects in every image under ``input_uri``; publish ``<output_uri>/<run_id>/``."""
-    cfg = parse_config(**locals()).with_run_id()
+    try:
+        return _run(parse_config(**locals()).with_run_id())
+    except DetectflowError as exc:  # a user's mistake: one line, no traceback
+        get_run_logger().error("%s", exc)
+        return Failed(message=f"{type(exc).__name__}: {exc}")
+
+
+def _run(cfg: RunConfig) -> dict:
     if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
         get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
         return manifest
-    weights_id = resolve_weights(cfg.model, cfg.weights).as_dict()  # fail fast, before any work
+    # Fail fast, before any cluster starts: weights missing, or nothing to process.
+    weights_id = resolve_weights(cfg.model, cfg.weights).as_dict()
+    require_images(cfg.input_uri, cfg.extensions)
     env = worker_env()
     with ray_cluster(cfg.ray_address, env), task_options(env):
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
