@@ -7,6 +7,7 @@ before Ray or Prefect start; the exit code is 0 only when the flow run is Comple
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The temporary API server's telemetry heartbeat races the flow for its SQLite database.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     try:
         return run(args)

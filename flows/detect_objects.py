@@ -24,7 +24,7 @@ from detectflow.publish import read_manifest
 from tasks import detect, list_images, publish_manifest, validate_sample, write_parquet
 
 
-@flow(name="detect-objects", task_runner=LazyRayTaskRunner(), log_prints=True)
+@flow(name="detect-objects", task_runner=LazyRayTaskRunner())
 def detect_objects(
     input_uri: t.InputUri = D["input_uri"],
     output_uri: t.OutputUri = D["output_uri"],
