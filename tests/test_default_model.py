@@ -6,7 +6,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 import torch
-from torchvision.ops import box_iou
+from parity import assert_same_detections
 
 from detectflow import models
 from detectflow.config import DEFAULT_MODEL
@@ -39,6 +39,4 @@ def test_default_model_runs_end_to_end_with_parity(ray_local, prefect_api, defau
     with torch.inference_mode():
         ref = direct([models.default_weights(DEFAULT_MODEL).transforms()(image)])[0]
     assert len(ref["boxes"]) > 0
-    assert row["labels"] == ref["labels"].tolist()
-    assert torch.allclose(torch.tensor(row["scores"]), ref["scores"], atol=1e-3)
-    assert bool((box_iou(torch.tensor(row["boxes"]), ref["boxes"]).diagonal() >= 0.99).all())
+    assert_same_detections(row, ref)
