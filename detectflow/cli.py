@@ -32,9 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--score-threshold", type=float, default=D["score_threshold"])
     run.add_argument("--batch-size", type=int, default=D["batch_size"])
     run.add_argument("--limit", type=int, default=None, help="only the first N images")
+    run.add_argument("--extensions", default=",".join(D["extensions"]),
+                     help="comma-separated file extensions to include")
     run.add_argument("--run-id", default=None, help="output folder name (default: time-based)")
     run.add_argument("--ray-address", default=None,
                      help="existing Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--s3-endpoint-url", default=None,
+                     help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D["device"])
     run.add_argument("--num-actors", type=int, default=None)
     run.add_argument("--gpus-per-actor", type=float, default=D["gpus_per_actor"])
@@ -66,15 +70,14 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from detectflow import storage
     from detectflow.config import parse_config
-    from detectflow.listing import require_images
-    from detectflow.models import resolve_weights
+    from detectflow.preflight import preflight
 
     params = {k: v for k, v in vars(args).items() if k != "command"}
     cfg = parse_config(**params).with_run_id()
-    # Seconds, not minutes, to learn that weights or images are missing.
-    resolve_weights(cfg.model, cfg.weights)
-    require_images(cfg.input_uri, cfg.extensions)
+    storage.configure(cfg.s3_endpoint_url)
+    preflight(cfg)  # seconds, not minutes, to learn that weights, input or output are unusable
 
     from flows.detect_objects import detect_objects
 

@@ -47,6 +47,9 @@ ScoreThreshold = Annotated[
     float, Field(ge=0.0, le=1.0, description="Keep detections scoring at least this.")
 ]
 BatchSize = Annotated[int, Field(ge=1, le=1024, description="Images per inference call.")]
+Extensions = Annotated[
+    list[str], Field(min_length=1, description="File extensions to include (case-insensitive).")
+]
 ImageLimit = Annotated[int | None, Field(ge=1, description="Process only the first N images.")]
 RunId = Annotated[
     str | None,
@@ -57,6 +60,13 @@ RunId = Annotated[
 ]
 RayAddress = Annotated[
     str | None, Field(description="Existing Ray cluster (ray://host:10001 or auto); empty = local.")
+]
+S3EndpointUrl = Annotated[
+    str | None,
+    Field(
+        pattern=r"^https?://[^\s@]+$",
+        description="S3-compatible endpoint (MinIO, Ceph, R2); empty = AWS_ENDPOINT_URL(_S3) or AWS.",
+    ),
 ]
 NumActors = Annotated[
     int | None, Field(ge=1, description="Inference actors; empty = one per GPU, or 1 on CPU.")
@@ -88,6 +98,7 @@ class RunConfig(BaseModel):
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     run_id: RunId = None
     ray_address: RayAddress = None
+    s3_endpoint_url: S3EndpointUrl = None
     device: Device = "auto"
     num_actors: NumActors = None
     gpus_per_actor: GpusPerActor = 1.0
@@ -117,6 +128,8 @@ class RunConfig(BaseModel):
     @field_validator("extensions", mode="before")
     @classmethod
     def _normalise_extensions(cls, value: object) -> tuple[str, ...]:
+        if value is None:  # "not given" from the flow's form or the CLI
+            return DEFAULT_EXTENSIONS
         if isinstance(value, str):
             value = [v for v in re.split(r"[,\s]+", value) if v]
         exts = tuple(sorted({("." + str(v).lower().lstrip(".")) for v in value}))  # type: ignore[union-attr]

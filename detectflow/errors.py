@@ -25,6 +25,10 @@ class ValidationFailed(DetectflowError):
     """The sampled detections break an invariant (box outside image, score out of range...)."""
 
 
+class OutputError(DetectflowError):
+    """The output location cannot be written."""
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Only unexpected (typically transient I/O) failures are worth a retry."""
     return not isinstance(exc, DetectflowError)

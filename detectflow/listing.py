@@ -18,31 +18,45 @@ from detectflow.errors import InputError
 from detectflow.schema import LISTING_SCHEMA
 
 
-def iter_images(input_uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, int]]:
-    """(uri, size) of every file under ``input_uri`` whose extension matches, sorted by path."""
-    fs, root = storage.get_fs(input_uri)
-    try:
-        if fs.isfile(root):
-            entries = {root: fs.info(root)}
-        else:
-            if not fs.exists(root):
-                raise InputError(f"input not found: {input_uri}")
-            entries = fs.find(root, detail=True)
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(f"input not found: {input_uri}") from None
-    except PermissionError:
-        raise InputError(f"input not readable (permission denied): {input_uri}") from None
-    prefix = "" if storage.is_local(input_uri) else input_uri.split("://", 1)[0] + "://"
+def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
+    """Stream keys page by page (S3 returns them in lexicographic order): memory stays flat
+    however many keys the prefix holds."""
+    bucket, _, prefix = path.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": page_size}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for obj in page.get("Contents", []):
+            yield f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0)
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:
+    if fs.isfile(root):
+        yield root, int(fs.info(root).get("size") or 0)
+        return
+    if not fs.exists(root):
+        raise FileNotFoundError(root)
+    entries = fs.find(root, detail=True)
     for path in sorted(entries):
-        info = entries[path]
-        if info.get("type", "file") != "file":
-            continue
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith(".") or not name.lower().endswith(extensions):
-            continue
-        yield prefix + path, int(info.get("size") or 0)
+        if entries[path].get("type", "file") == "file":
+            yield path, int(entries[path].get("size") or 0)
+
+
+def iter_images(input_uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every file under ``input_uri`` whose extension matches, in a stable order
+    (sorted by path). Storage errors become one :class:`InputError` line naming the URI."""
+    fs, root = storage.get_fs(input_uri)
+    prefix = storage.uri_prefix(input_uri)
+    entries = _iter_fs(fs, root) if storage.is_local(input_uri) else _iter_s3(fs, root)
+    try:
+        for path, size in entries:
+            name = path.rsplit("/", 1)[-1]
+            if not name.startswith(".") and name.lower().endswith(extensions):
+                yield prefix + path, size
+    except Exception as exc:
+        raise InputError(f"cannot list {input_uri}: {storage.explain(exc)}") from None
 
 
 def require_images(input_uri: str, extensions: tuple[str, ...]) -> None:

@@ -105,11 +105,9 @@ def resolve_weights(model: str, weights: str | None) -> ResolvedWeights:
     if not local.exists():
         try:
             data = storage.read_bytes(weights)
-        except FileNotFoundError:
-            raise WeightsError(f"weights for {model}: not found: {weights}") from None
         except Exception as exc:
             raise WeightsError(
-                f"weights for {model}: cannot read {weights}: {type(exc).__name__}"
+                f"weights for {model}: cannot read {weights}: {storage.explain(exc)}"
             ) from None
         storage.atomic_write_bytes(str(local), data)
     return ResolvedWeights(weights, str(local), name, _sha256(str(local)))

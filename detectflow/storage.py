@@ -20,10 +20,68 @@ from fsspec import AbstractFileSystem
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+# Set per process by configure(): an S3-compatible endpoint (MinIO, Ceph, R2, a test server).
+_ENDPOINT: dict[str, str | None] = {"url": None}
+ANONYMOUS = "anonymous@"
+# Fail in seconds, not minutes, when an endpoint is unreachable; still ride out a blip.
+_S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60,
+              "retries": {"max_attempts": 3, "mode": "standard"}}
+
+
+def configure(endpoint_url: str | None = None) -> None:
+    """Choose the S3 endpoint for this process: the parameter, else ``AWS_ENDPOINT_URL_S3``,
+    else ``AWS_ENDPOINT_URL`` (AWS's own variables), else AWS itself. Credentials always come from
+    the standard AWS chain (environment, profile, instance role) and are never passed around."""
+    _ENDPOINT["url"] = endpoint_url or None
+
+
+def endpoint_url() -> str | None:
+    return (_ENDPOINT["url"] or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
 def get_fs(uri: str) -> tuple[AbstractFileSystem, str]:
-    """The filesystem for a URI and the path inside it (protocol stripped)."""
+    """The filesystem for a URI and the path inside it (protocol stripped).
+
+    ``s3://anonymous@bucket/key`` (Ray's convention for public buckets) reads unsigned.
+    """
+    if uri.startswith(("s3://", "s3a://")):
+        rest = uri.split("://", 1)[1]
+        anon = rest.startswith(ANONYMOUS)
+        fs = fsspec.filesystem("s3", anon=anon, endpoint_url=endpoint_url(),
+                               config_kwargs=_S3_CONFIG, use_listings_cache=False)
+        return fs, rest.removeprefix(ANONYMOUS).rstrip("/")
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
+
+
+def uri_prefix(uri: str) -> str:
+    """What turns a filesystem path back into a URI like ``uri`` ("" for local paths)."""
+    if is_local(uri):
+        return ""
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://" + (ANONYMOUS if rest.startswith(ANONYMOUS) else "")
+
+
+def explain(exc: BaseException) -> str:
+    """A short reason for a storage failure, safe to show: it never echoes request details
+    (which could carry credentials), only what the user must fix."""
+    text = str(exc)
+    name = type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return "bucket does not exist" if "bucket" in text.lower() else "not found"
+    if isinstance(exc, PermissionError):
+        if any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                         "InvalidToken", "ExpiredToken", "Key Id you provided")):
+            return "invalid credentials (check the AWS credentials in the environment or profile)"
+        return "access denied"
+    if "NoCredentials" in name or "Unable to locate credentials" in text:
+        return "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+    if "EndpointConnectionError" in name or "Could not connect" in text or isinstance(
+        exc, ConnectionError | TimeoutError
+    ):
+        return f"cannot reach the storage endpoint {endpoint_url() or '(AWS default)'}"
+    return name
 
 
 def is_local(uri: str) -> bool:
@@ -98,8 +156,7 @@ def list_files(uri: str) -> list[str]:
     fs, path = get_fs(uri)
     if not fs.exists(path):
         return []
-    protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
-    return sorted(protocol + p if protocol and not is_local(uri) else p for p in fs.find(path))
+    return sorted(uri_prefix(uri) + p for p in fs.find(path))
 
 
 def arrow_fs(uri: str):

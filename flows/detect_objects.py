@@ -8,11 +8,10 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from detectflow import config as t
+from detectflow import storage
 from detectflow.config import DEFAULTS as D
 from detectflow.config import RunConfig, parse_config
 from detectflow.errors import DetectflowError
-from detectflow.listing import require_images
-from detectflow.models import resolve_weights
 from detectflow.orchestration import (
     LazyRayTaskRunner,
     completed,
@@ -20,6 +19,7 @@ from detectflow.orchestration import (
     task_options,
     worker_env,
 )
+from detectflow.preflight import preflight
 from detectflow.publish import read_manifest
 from tasks import detect, list_images, publish_manifest, validate_sample, write_parquet
 
@@ -33,8 +33,10 @@ def detect_objects(
     score_threshold: t.ScoreThreshold = D["score_threshold"],
     batch_size: t.BatchSize = D["batch_size"],
     limit: t.ImageLimit = D["limit"],
+    extensions: t.Extensions | None = None,
     run_id: t.RunId = D["run_id"],
     ray_address: t.RayAddress = D["ray_address"],
+    s3_endpoint_url: t.S3EndpointUrl = D["s3_endpoint_url"],
     device: t.Device = D["device"],
     num_actors: t.NumActors = D["num_actors"],
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],
@@ -50,13 +52,12 @@ def detect_objects(
 
 
 def _run(cfg: RunConfig) -> dict:
+    storage.configure(cfg.s3_endpoint_url)
     if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
         get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
         return manifest
-    # Fail fast, before any cluster starts: weights missing, or nothing to process.
-    weights_id = resolve_weights(cfg.model, cfg.weights).as_dict()
-    require_images(cfg.input_uri, cfg.extensions)
-    env = worker_env()
+    weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
+    env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg.ray_address, env), task_options(env):
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
         # surfaces as that stage's own error, and one warm Ray worker runs every task.

@@ -9,6 +9,19 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Credentials for the loopback S3 server, set before Ray starts so its workers inherit them the
+# way they would on a real node. The secret is distinctive so tests can prove it never leaks.
+S3_SECRET = "detectflow-test-secret-must-not-leak"
+os.environ["AWS_ACCESS_KEY_ID"] = "testing-key-id"
+os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_var, None)
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -54,3 +67,59 @@ def prefect_api():
         from prefect.settings import PREFECT_API_URL
 
         yield PREFECT_API_URL.value()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """Start a real S3-compatible server (moto's standalone mode) on loopback."""
+
+    def start(**env: str) -> str:
+        port = free_port()
+        log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url + "/moto-api/data.json", timeout=2)
+                return url
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError("moto server exited") from None
+                time.sleep(0.2)
+        raise RuntimeError("moto server did not start in 60 s")
+
+    procs: list[subprocess.Popen] = []
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3(moto_server, sample_dir):
+    """A loopback S3 with bucket ``detectflow-in`` (photos under ``photos/``) and an empty
+    ``detectflow-out``; yields the endpoint URL."""
+    import s3fs
+
+    url = moto_server()
+    fs = s3fs.S3FileSystem(endpoint_url=url)
+    fs.mkdir("detectflow-in")
+    fs.mkdir("detectflow-out")
+    for path in sorted(sample_dir.glob("*.jpg")):
+        fs.put_file(str(path), f"detectflow-in/photos/{path.name}")
+    fs.pipe_file("detectflow-in/other/readme.txt", b"not an image")
+    return url

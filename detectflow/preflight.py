@@ -1,0 +1,43 @@
+"""Checks that take seconds and save a doomed run from starting a cluster.
+
+Each failure is one line that names the URI (or the weights file) and what to fix; none of them
+writes anything to the output location.
+"""
+
+from __future__ import annotations
+
+import os
+
+from detectflow import storage
+from detectflow.config import RunConfig
+from detectflow.errors import OutputError
+from detectflow.listing import require_images
+from detectflow.models import resolve_weights
+
+
+def check_output(output_uri: str) -> None:
+    """The output location can be written to, checked without writing anything."""
+    if storage.is_local(output_uri):
+        path = output_uri.removeprefix("file://")
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing) or "/"
+        if not (os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)):
+            raise OutputError(f"cannot write to {output_uri}: {existing} is not a writable folder")
+        return
+    fs, path = storage.get_fs(output_uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:  # HEAD has no body: a 404 here can only mean the bucket
+        raise OutputError(f"cannot write to {output_uri}: bucket does not exist") from None
+    except Exception as exc:
+        raise OutputError(f"cannot write to {output_uri}: {storage.explain(exc)}") from None
+
+
+def preflight(cfg: RunConfig) -> dict[str, str]:
+    """Weights identity once everything needed is known to be there."""
+    weights = resolve_weights(cfg.model, cfg.weights).as_dict()
+    require_images(cfg.input_uri, cfg.extensions)
+    check_output(cfg.output_uri)
+    return weights
