@@ -53,10 +53,10 @@ def detect_objects(
 
 def _run(cfg: RunConfig) -> dict:
     storage.configure(cfg.s3_endpoint_url)
+    weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
     if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
         get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
         return manifest
-    weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
     env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg.ray_address, env), task_options(env):
         # Each stage starts when the one before has completed (the DAG is a chain): a failure

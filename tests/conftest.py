@@ -123,3 +123,33 @@ def s3(moto_server, sample_dir):
         fs.put_file(str(path), f"detectflow-in/photos/{path.name}")
     fs.pipe_file("detectflow-in/other/readme.txt", b"not an image")
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_auth(moto_server):
+    """A second loopback S3 that enforces IAM: bucket ``auth-in`` holds a photo, ``auth-out``
+    exists, and user ``reader`` may only list and read ``auth-in``. Yields (url, key, secret)."""
+    import json
+
+    import boto3
+
+    url = moto_server()
+    setup = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup",
+                 aws_secret_access_key="setup")
+    s3c, iam = boto3.client("s3", **setup), boto3.client("iam", **setup)
+    for bucket in ("auth-in", "auth-out"):
+        s3c.create_bucket(Bucket=bucket)
+    s3c.put_object(Bucket="auth-in", Key="photos/chelsea.jpg",
+                   Body=(ROOT / "data" / "sample_images" / "chelsea.jpg").read_bytes())
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-input", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"],
+                       "Resource": ["arn:aws:s3:::auth-in", "arn:aws:s3:::auth-in/*"]}],
+    }))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    # From now on every request must be signed by a known key and allowed by its policy.
+    urllib.request.urlopen(urllib.request.Request(
+        url + "/moto-api/reset-auth", data=b"0", method="POST",
+        headers={"Content-Type": "text/plain"}), timeout=10)
+    return url, key["AccessKeyId"], key["SecretAccessKey"]

@@ -139,3 +139,21 @@ def test_unreachable_endpoint_fails_fast(small_weights):
                           output_uri="s3://detectflow-out/x", weights=str(small_weights))
     assert f"cannot list s3://detectflow-in/photos: cannot reach the storage endpoint {endpoint}" \
         in message
+
+
+def test_wrong_credentials_fail_with_one_line(s3_auth, small_weights, monkeypatch):
+    url, _, _ = s3_auth
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    message = _fails_fast(url, input_uri="s3://auth-in/photos", output_uri="s3://auth-out/runs",
+                          weights=str(small_weights))
+    assert "cannot list s3://auth-in/photos: invalid credentials" in message
+
+
+def test_access_denied_on_output_fails_before_writing(s3_auth, small_weights, monkeypatch):
+    url, key_id, secret = s3_auth
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    message = _fails_fast(url, input_uri="s3://auth-in/photos", output_uri="s3://auth-out/runs",
+                          weights=str(small_weights))
+    assert "cannot write to s3://auth-out/runs: access denied" in message
+    assert secret not in message and key_id not in message
