@@ -151,14 +151,6 @@ def remove(uri: str, recursive: bool = True) -> None:
         fs.rm(path, recursive=recursive)
 
 
-def list_files(uri: str) -> list[str]:
-    """Files directly or deeply under ``uri`` as full URIs, sorted."""
-    fs, path = get_fs(uri)
-    if not fs.exists(path):
-        return []
-    return sorted(uri_prefix(uri) + p for p in fs.find(path))
-
-
 def arrow_fs(uri: str):
     """A pyarrow filesystem over the same fsspec filesystem (same credentials and endpoint)."""
     if is_local(uri):
