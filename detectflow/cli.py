@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus-per-actor", type=float, default=D["gpus_per_actor"])
     run.add_argument("--cpus-per-actor", type=float, default=D["cpus_per_actor"])
     run.add_argument("--sample-size", type=int, default=D["sample_size"])
+    run.add_argument("--max-failure-fraction", type=float, default=D["max_failure_fraction"],
+                     help="exit non-zero when more than this share of images cannot be read")
     return parser
 
 

@@ -74,6 +74,10 @@ NumActors = Annotated[
 GpusPerActor = Annotated[float, Field(ge=0.0, le=8.0, description="GPUs each actor reserves.")]
 CpusPerActor = Annotated[float, Field(gt=0.0, le=256.0, description="CPUs each CPU actor uses.")]
 SampleSize = Annotated[int, Field(ge=0, le=64, description="Images drawn for validation.")]
+FailureFraction = Annotated[
+    float,
+    Field(ge=0.0, le=1.0, description="Mark the run Failed (after writing) above this share of bad images."),
+]
 Device = Literal["auto", "cuda", "cpu"]
 
 
@@ -107,6 +111,7 @@ class RunConfig(BaseModel):
     max_image_side: Annotated[int, Field(ge=64, le=65536)] = 4096
     shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     sample_size: SampleSize = 4
+    max_failure_fraction: FailureFraction = 0.1
 
     @field_validator("input_uri", "output_uri")
     @classmethod

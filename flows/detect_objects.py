@@ -42,6 +42,7 @@ def detect_objects(
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],
     cpus_per_actor: t.CpusPerActor = D["cpus_per_actor"],
     sample_size: t.SampleSize = D["sample_size"],
+    max_failure_fraction: t.FailureFraction = D["max_failure_fraction"],
 ) -> dict:
     """Detect objects in every image under ``input_uri``; publish ``<output_uri>/<run_id>/``."""
     try:
@@ -56,7 +57,7 @@ def _run(cfg: RunConfig) -> dict:
     weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
     if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
         get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
-        return manifest
+        return check_failures(cfg, manifest)
     env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg.ray_address, env), task_options(env):
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
@@ -65,6 +66,17 @@ def _run(cfg: RunConfig) -> dict:
         detected = completed(detect.submit(cfg, listing))
         sample = completed(validate_sample.submit(cfg, detected))
         written = completed(write_parquet.submit(cfg, detected, weights_id))
-        return publish_manifest.submit(
+        manifest = publish_manifest.submit(
             cfg, weights_id, listing, detected, sample, written
         ).result()
+    return check_failures(cfg, manifest)
+
+
+def check_failures(cfg: RunConfig, manifest: dict):
+    """Outputs are written either way; too many unreadable images marks the run Failed."""
+    failed, images = manifest["counts"]["failed"], manifest["counts"]["images"]
+    if failed > cfg.max_failure_fraction * images:
+        return Failed(message=f"{failed} of {images} images failed (more than "
+                      f"max_failure_fraction={cfg.max_failure_fraction:g}); outputs are in "
+                      f"{cfg.run_uri}", data=manifest)
+    return manifest

@@ -1,0 +1,102 @@
+"""A generated corpus of awkward and broken files: every valid image gets detections (in its
+displayed orientation), every broken one becomes a row with a short reason, the run completes."""
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.detect_objects import detect_objects
+
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, sample_dir):
+    root = tmp_path_factory.mktemp("corpus")
+    photo = Image.open(sample_dir / "chelsea.jpg").convert("RGB")  # 451 x 300
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90° clockwise: 300 x 451
+    files = {
+        "01 truncated.jpg": _save(photo, "JPEG")[:2000],
+        "02 zero-byte.jpg": b"",
+        "03 text.jpg": b"this is not an image\n",
+        "04 alpha.png": _save(photo.convert("RGBA"), "PNG"),
+        "05 gray.png": _save(photo.convert("L"), "PNG"),
+        "06 sixteen-bit.png": _save(Image.fromarray(
+            np.asarray(photo.convert("L"), np.uint16) * 257), "PNG"),
+        "07 cmyk.jpg": _save(photo.convert("CMYK"), "JPEG"),
+        "08 palette.gif": _save(photo.convert("P"), "GIF"),
+        "09 exif-rotated.jpg": _save(photo, "JPEG", exif=exif.tobytes()),
+        "10 one-pixel.png": _save(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "11 huge.jpg": _save(photo.resize((12000, 9000)), "JPEG", quality=70),
+        "12 chat noir été.jpg": _save(photo, "JPEG"),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def rows(corpus, ray_local, prefect_api, small_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus-out")
+    state = detect_objects(input_uri=str(corpus), output_uri=str(out), model=SMALL,
+                           weights=str(small_weights), score_threshold=0.3, run_id="corpus",
+                           max_failure_fraction=0.5, return_state=True)
+    assert state.is_completed(), state.message
+    manifest = json.loads((out / "corpus" / "manifest.json").read_text())
+    table = pq.read_table(out / "corpus" / "detections" / "part-00000.parquet")
+    return {r["image_uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}, manifest
+
+
+def test_every_file_appears_once(rows, corpus):
+    by_name, manifest = rows
+    assert sorted(by_name) == sorted(p.name for p in corpus.iterdir())
+    assert manifest["counts"]["images"] == 12 and manifest["counts"]["failed"] == 3
+    assert {f["image_uri"].rsplit("/", 1)[-1] for f in manifest["failures"]} == {
+        "01 truncated.jpg", "02 zero-byte.jpg", "03 text.jpg"}
+
+
+def test_broken_files_get_short_reasons(rows):
+    by_name, _ = rows
+    assert by_name["02 zero-byte.jpg"]["error"] == "empty file"
+    for name in ("01 truncated.jpg", "03 text.jpg"):
+        error = by_name[name]["error"]
+        assert error.startswith("cannot decode") and len(error) <= 300 and "\n" not in error
+        assert by_name[name]["boxes"] == []
+
+
+def test_valid_images_get_detections_in_displayed_orientation(rows):
+    by_name, _ = rows
+    sizes = {"04 alpha.png": (451, 300), "05 gray.png": (451, 300),
+             "06 sixteen-bit.png": (451, 300), "07 cmyk.jpg": (451, 300),
+             "08 palette.gif": (451, 300), "09 exif-rotated.jpg": (300, 451),
+             "10 one-pixel.png": (1, 1), "11 huge.jpg": (12000, 9000),
+             "12 chat noir été.jpg": (451, 300)}
+    for name, (width, height) in sizes.items():
+        row = by_name[name]
+        assert row["error"] is None, (name, row["error"])
+        assert (row["width"], row["height"]) == (width, height), name
+        for x1, y1, x2, y2 in row["boxes"]:
+            assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height, name
+    assert by_name["12 chat noir été.jpg"]["boxes"]  # the plain photo does get boxes
+    assert max(b[2] for b in by_name["11 huge.jpg"]["boxes"]) > 4096  # original pixels
+
+
+def test_too_many_failures_mark_the_run_failed_after_writing(corpus, ray_local, prefect_api,
+                                                             small_weights, tmp_path):
+    state = detect_objects(input_uri=str(corpus), output_uri=str(tmp_path), model=SMALL,
+                           weights=str(small_weights), run_id="strict", limit=4,
+                           return_state=True)
+    assert state.is_failed()
+    assert "3 of 4 images failed" in state.message and "max_failure_fraction=0.1" in state.message
+    assert (tmp_path / "strict" / "manifest.json").exists()  # outputs written, then flagged
