@@ -69,6 +69,11 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
+# Our own opener: urllib's global one keeps the proxy settings of its first use (a test points
+# proxies at a closed port to make a weights download fail at once).
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -91,7 +96,7 @@ def moto_server(tmp_path_factory):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(url + "/moto-api/data.json", timeout=2)
+                LOOPBACK.open(url + "/moto-api/data.json", timeout=2)
                 return url
             except OSError:
                 if proc.poll() is not None:
@@ -149,7 +154,7 @@ def s3_auth(moto_server):
     }))
     key = iam.create_access_key(UserName="reader")["AccessKey"]
     # From now on every request must be signed by a known key and allowed by its policy.
-    urllib.request.urlopen(urllib.request.Request(
+    LOOPBACK.open(urllib.request.Request(
         url + "/moto-api/reset-auth", data=b"0", method="POST",
         headers={"Content-Type": "text/plain"}), timeout=10)
     return url, key["AccessKeyId"], key["SecretAccessKey"]
