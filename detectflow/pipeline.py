@@ -137,18 +137,30 @@ class ShardWriter:
         return {k: n - self.counts[k] for k, n in self.expected.items() if self.counts[k] != n}
 
 
+def _no_extra_args() -> dict:
+    return {}
+
+
 def build_dataset(cfg: RunConfig, listing_uri: str, plan: ResourcePlan):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
     filesystem, path = storage.arrow_fs(listing_uri)
-    ds = ray.data.read_parquet(path, filesystem=filesystem)
+    # Small blocks: decode spreads over every CPU even within one listing shard, and results
+    # (hence progress) stream back every few images instead of once per shard.
+    ds = ray.data.read_parquet(path, filesystem=filesystem).repartition(
+        target_num_rows_per_block=DECODE_BATCH
+    )
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"max_side": cfg.max_image_side},
         batch_size=DECODE_BATCH,
         batch_format="pyarrow",
         num_cpus=plan.decode_cpus,
+        # Ray Data would fuse this task into the inference actors (same remote args), decoding
+        # serially inside them; a remote-args function is its documented fusion barrier, so
+        # decoding runs on its own CPUs in parallel with inference.
+        ray_remote_args_fn=_no_extra_args,
     )
     return ds.map_batches(
         Detector,
