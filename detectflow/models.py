@@ -76,8 +76,12 @@ def _weights_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "detectflow"
 
 
-def resolve_weights(model: str, weights: str | None) -> ResolvedWeights:
-    """Find (or fetch) the weights file and hash it. Fails with one line when impossible."""
+def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> ResolvedWeights:
+    """Find (or fetch) the weights file and hash it. Fails with one line when impossible.
+
+    Actors skip the checksum (``checksum=False``): the flow already recorded it once.
+    """
+    digest = _sha256 if checksum else (lambda path: "")
     if not weights:
         enum = default_weights(model)
         target = hub_checkpoint_path(model)
@@ -92,13 +96,13 @@ def resolve_weights(model: str, weights: str | None) -> ResolvedWeights:
                 ) from None
         return ResolvedWeights(
             f"torchvision:{type(enum).__name__}.{enum.name}", str(target), target.name,
-            _sha256(str(target)),
+            digest(str(target)),
         )
     if storage.is_local(weights):
         path = weights.removeprefix("file://")
         if not os.path.isfile(path):
             raise WeightsError(f"weights for {model}: file not found: {path}")
-        return ResolvedWeights(weights, path, os.path.basename(path), _sha256(path))
+        return ResolvedWeights(weights, path, os.path.basename(path), digest(path))
     # Remote (s3://...): copy once into the local cache, named by the URI's hash.
     name = os.path.basename(weights.rstrip("/")) or "weights.pth"
     local = _weights_cache_dir() / hashlib.sha256(weights.encode()).hexdigest()[:16] / name
@@ -110,7 +114,7 @@ def resolve_weights(model: str, weights: str | None) -> ResolvedWeights:
                 f"weights for {model}: cannot read {weights}: {storage.explain(exc)}"
             ) from None
         storage.atomic_write_bytes(str(local), data)
-    return ResolvedWeights(weights, str(local), name, _sha256(str(local)))
+    return ResolvedWeights(weights, str(local), name, digest(str(local)))
 
 
 def build_model(model: str, score_threshold: float = 0.05) -> torch.nn.Module:

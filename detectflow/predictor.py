@@ -108,7 +108,7 @@ class Detector:
         self.device = pick_device(num_gpus, device)
         if self.device == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
-        resolved = models.resolve_weights(model, weights)
+        resolved = models.resolve_weights(model, weights, checksum=False)
         self.model = models.load_model(model, resolved, score_threshold, self.device)
         self.transforms = models.default_weights(model).transforms()
         self.categories = models.categories(model)
@@ -142,7 +142,7 @@ class Detector:
         ok = [i for i, err in enumerate(cols["error"]) if err is None]
         images = [
             torch.from_numpy(
-                np.frombuffer(pixels[i].as_py(), dtype=np.uint8)
+                np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8)
                 .reshape(3, cols["height"][i], cols["width"][i])
                 .copy()
             )
