@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from detectflow import storage
 from detectflow.errors import InputError
@@ -80,11 +79,9 @@ def write_listing(
     def flush() -> None:
         nonlocal shards, batch
         if batch:
-            table = pa.Table.from_pylist(batch, schema=LISTING_SCHEMA)
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
             name = f"shard-{shards:05d}.parquet"
-            storage.atomic_write_bytes(storage.join(listing_uri, name), sink.getvalue().to_pybytes())
+            storage.write_parquet(storage.join(listing_uri, name),
+                                  pa.Table.from_pylist(batch, schema=LISTING_SCHEMA))
             shards += 1
             batch = []
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from detectflow import storage
 from detectflow.config import RunConfig
@@ -127,10 +126,8 @@ class ShardWriter:
 
     def _write(self, shard: int) -> None:
         table = pa.concat_tables(self.pending.pop(shard)).sort_by("index")
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
         uri = storage.join(self.staging_uri, f"shard-{shard:05d}.parquet")
-        info = storage.atomic_write_bytes(uri, sink.getvalue().to_pybytes())
+        info = storage.write_parquet(uri, table)
         self.written.append({"shard": shard, "uri": uri, "rows": table.num_rows, **info})
 
     def missing(self) -> dict[int, int]:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from detectflow import imaging, models, storage
-from detectflow.schema import STAGED_SCHEMA, detection_row
+from detectflow.schema import detection_row, rows_to_table
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -181,4 +181,4 @@ class Detector:
                     categories=self.categories,
                 )
             )
-        return pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
+        return rows_to_table(rows)

@@ -42,12 +42,8 @@ def publish_shard(staged_uri: str, target_uri: str, metadata: dict[str, str]) ->
     fs, path = storage.get_fs(staged_uri)
     with fs.open(path, "rb") as handle:
         table = published(pq.read_table(handle))
-    schema_meta = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
-    table = table.replace_schema_metadata(schema_meta)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    info = storage.atomic_write_bytes(target_uri, sink.getvalue().to_pybytes())
-    return {"rows": table.num_rows, **info}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    return {"rows": table.num_rows, **storage.write_parquet(target_uri, table, compression="zstd")}
 
 
 def versions() -> dict[str, str]:

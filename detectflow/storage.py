@@ -145,6 +145,16 @@ def atomic_write_bytes(uri: str, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": sha256_bytes(data)}
 
 
+def write_parquet(uri: str, table, **options: Any) -> dict[str, Any]:
+    """Serialise ``table`` to Parquet in memory and write it atomically; returns bytes + sha256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **options)
+    return atomic_write_bytes(uri, sink.getvalue().to_pybytes())
+
+
 def remove(uri: str, recursive: bool = True) -> None:
     fs, path = get_fs(uri)
     if fs.exists(path):
