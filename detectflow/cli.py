@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     # The temporary API server's telemetry heartbeat races the flow for its SQLite database.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without a configured API, Prefect starts a temporary server and waits 20 s for it; a busy
+    # 2-core machine can need longer (measured: CI timed out at 20 s).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
         return run(args)

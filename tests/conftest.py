@@ -8,6 +8,7 @@ from pathlib import Path
 # Before Prefect or Ray are imported anywhere: keep test runs quiet and self-contained.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Credentials for the loopback S3 server, set before Ray starts so its workers inherit them the
 # way they would on a real node. The secret is distinctive so tests can prove it never leaks.
