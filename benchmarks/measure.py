@@ -1,0 +1,144 @@
+"""Memory and object-store measurements taken while a pipeline runs.
+
+Peak memory is sampled in a thread over a process tree (the driver, or a child process, with
+every descendant: Ray's raylet, its workers and actors, Prefect's server). Two sums are kept:
+RSS (what ``ps`` shows; counts shared pages, e.g. the object store, once per process that maps
+them) and PSS (shared pages split between the processes that map them, so nothing counts twice).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every process below it (Linux /proc; psutil is not installed here)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (ppid := _ppid(int(name))) is not None:
+            children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _rss_pss(pid: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """(RSS sum, PSS sum) in bytes over ``root`` and all its descendants."""
+    sums = [_rss_pss(pid) for pid in descendants(root)]
+    return sum(s[0] for s in sums), sum(s[1] for s in sums)
+
+
+def object_store() -> tuple[int, int]:
+    """(bytes in the local Ray object store now, bytes spilled so far); (0, 0) without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0, 0
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address),
+                                  timeout_seconds=10).store_stats
+    return stats.object_store_bytes_used, stats.spilled_bytes_total
+
+
+@dataclass
+class Peaks:
+    rss: int = 0
+    pss: int = 0
+    store: int = 0
+    spilled: int = 0  # spilled during the measured interval
+
+
+class MemorySampler:
+    """Context manager: samples tree memory (and the object store, when ``ray``) every period."""
+
+    def __init__(self, pid: int | None = None, period: float = 0.25, ray: bool = False) -> None:
+        self.root = pid or os.getpid()
+        self.period = period
+        self.ray = ray
+        self.peaks = Peaks()
+        self._stop = threading.Event()
+        self._spilled0 = 0
+
+    def _sample(self) -> None:
+        rss, pss = tree_memory(self.root)
+        self.peaks.rss, self.peaks.pss = max(self.peaks.rss, rss), max(self.peaks.pss, pss)
+        if self.ray:
+            try:
+                used, spilled = object_store()
+            except Exception:  # the cluster may be shutting down at the very end
+                return
+            self.peaks.store = max(self.peaks.store, used)
+            self.peaks.spilled = max(self.peaks.spilled, spilled - self._spilled0)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> MemorySampler:
+        if self.ray:
+            self._spilled0 = object_store()[1]
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class Clock:
+    """Wall time of a run, and when its first results arrived (start-up excluded rate)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.first_count = 0
+        self.end: float | None = None
+
+    def arrived(self, done: int) -> None:
+        if self.first is None:
+            self.first, self.first_count = time.perf_counter(), done
+
+    def stop(self) -> None:
+        self.end = time.perf_counter()
+
+    @property
+    def wall(self) -> float:
+        return (self.end or time.perf_counter()) - self.start
+
+    def steady_rate(self, total: int) -> float | None:
+        """Images/s after the first results (actor start and model load excluded)."""
+        if self.first is None or self.end is None or total <= self.first_count:
+            return None
+        span = self.end - self.first
+        return (total - self.first_count) / span if span > 0 else None

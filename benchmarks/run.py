@@ -1,0 +1,173 @@
+"""``make bench``: reference recipe vs ours (detect stage, whole flow) vs the bare model's limit.
+
+All runs use the same N images, model and weights, in one process run (one after another, so
+they never share the CPUs). Prints one table; ``--markdown PATH`` also writes it as markdown.
+``--scale`` adds the detect stage on 10xN images (time should grow 10x, memory stay flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+GPU_MODEL = "fasterrcnn_resnet50_fpn_v2"  # the flow's default model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=96, help="images (default 96)")
+    p.add_argument("--scale", action="store_true", help="also run the detect stage on 10xN")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", default=None,
+                   help=f"default: {SMALL_MODEL} on cpu, {GPU_MODEL} (the flow's) on cuda")
+    p.add_argument("--weights", default=None,
+                   help="default: torchvision's if in the hub cache, else calibrated offline ones")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--skip", default="", help="comma list of: limit,reference,detect,flow")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="RunConfig field for ours (detect stage and flow), e.g. batch_size=1")
+    p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
+    p.add_argument("--markdown", default=None, help="also write the table here (markdown)")
+    return p.parse_args(argv)
+
+
+def pick_weights(model: str, weights: str | None, cache: Path) -> str | None:
+    """The user's weights; else torchvision's when present; else calibrated offline weights."""
+    from detectflow import models
+
+    if weights:
+        return weights
+    if models.hub_checkpoint_path(model).exists():  # never try a download from here
+        return None
+    path = cache / "weights" / f"{model}-calibrated.pth"
+    if not path.exists():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from calibrated_weights import write_calibrated_weights
+
+        print(f"bench: making offline calibrated weights {path}", flush=True)
+        write_calibrated_weights(model, ROOT / "data" / "sample_images", path)
+    return str(path)
+
+
+def parse_sets(sets: list[str]) -> dict[str, object]:
+    import json
+
+    out: dict[str, object] = {}
+    for item in sets:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = parse_args(argv)
+    from benchmarks.images import make_images
+    from benchmarks.table import Row, format_table
+
+    cache = Path(args.cache_dir)
+    model = args.model or (GPU_MODEL if args.device == "cuda" else SMALL_MODEL)
+    weights = pick_weights(model, args.weights, cache)
+    skip = {s for s in args.skip.split(",") if s}
+    ours = {"model": model, "weights": weights, "score_threshold": args.score_threshold,
+            "device": args.device, **parse_sets(args.sets)}
+    images = make_images(args.n, cache / "images")
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir=cache))
+    rows: list[Row] = []
+    ref_rate = limit_rate = None
+    notes = [f"{args.n} images {images.name}, model {model}, weights "
+             f"{Path(weights).name if weights else 'torchvision'}, device {args.device}, "
+             f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
+    try:
+        if "limit" not in skip:
+            from benchmarks.limit import run_limit
+
+            lim = run_limit(images, model, weights, args.score_threshold, args.device)
+            limit_rate = lim["rate"]
+            notes.append("limit images/s by batch: " + ", ".join(
+                f"{b}: {r:.2f}" for b, r in lim["rates"].items()) + f" ({lim['threads']} threads)")
+            rows.append(Row(f"limit (bare model, batch {lim['best_batch']})", lim["images"],
+                            lim["images"] / lim["rate"], lim["rate"], lim["rate"],
+                            lim["peaks"].rss, lim["peaks"].pss))
+        if {"reference", "detect"} - skip:
+            rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache)
+            ref = next((r for r in rows if r.pipeline.startswith("reference")), None)
+            ref_rate = ref.steady if ref else None
+        if "flow" not in skip:
+            from benchmarks.ours import run_whole_flow
+
+            extra = [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(args.sets).items()]
+            flow = run_whole_flow(images, work / "flow", model, weights, args.score_threshold,
+                                  args.device, extra)
+            notes.append("whole flow stage seconds: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in flow["stages"].items()))
+            rows.append(Row("ours: whole flow (detectflow run)", flow["images"], flow["wall"],
+                            flow["images"] / flow["wall"], flow["images"] / flow["detect_seconds"],
+                            flow["peaks"].rss, flow["peaks"].pss, overhead=flow["overhead"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = format_table(rows, ref_rate, limit_rate)
+    print("\n" + "\n".join(notes) + "\n\n" + text, flush=True)
+    if args.markdown:
+        md = "\n".join(f"- {n}" for n in notes) + "\n\n" + format_table(
+            rows, ref_rate, limit_rate, markdown=True) + "\n"
+        Path(args.markdown).write_text(md)
+    return 0
+
+
+def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, ours: dict,
+               skip: set[str], notes: list[str], cache: Path) -> list:
+    """Reference and our detect stage on one local Ray (start-up not timed)."""
+    import ray
+
+    from benchmarks.images import make_images
+
+    rows = []
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench",
+             log_to_driver=False)
+    try:
+        if "reference" not in skip:
+            from benchmarks.reference import run_reference
+
+            ref = run_reference(images, work / "reference", model, weights,
+                                args.score_threshold, args.device)
+            rows.append(_ray_row("reference (Ray recipe)", ref))
+        if "detect" not in skip:
+            from benchmarks.ours import run_detect_stage
+
+            runs = [(args.n, images)]
+            if args.scale:
+                runs.append((10 * args.n, make_images(10 * args.n, cache / "images")))
+            for n, folder in runs:
+                det = run_detect_stage(folder, work / f"detect-{n}", **ours)
+                notes.append(f"ours {n} images: {det['plan'].describe()}; "
+                             f"{det['detections']} boxes, {det['failed']} failed")
+                rows.append(_ray_row("ours: detect stage", det))
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def _ray_row(name: str, result: dict):
+    from benchmarks.table import Row
+
+    clock, peaks = result["clock"], result["peaks"]
+    return Row(name, result["images"], clock.wall, result["images"] / clock.wall,
+               clock.steady_rate(result["images"]), peaks.rss, peaks.pss, peaks.store,
+               peaks.spilled)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""Pure: benchmark results → one table (plain text for the terminal, markdown for RESULTS.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1 << 20
+COLUMNS = ("pipeline", "images", "wall s", "img/s", "img/s steady", "x ref", "x limit",
+           "peak RSS MiB", "peak PSS MiB", "store MiB", "spilled MiB", "outside detect s")
+
+
+@dataclass
+class Row:
+    pipeline: str
+    images: int
+    wall: float | None = None
+    rate: float | None = None  # images / wall
+    steady: float | None = None  # images/s once results flow (start-up excluded)
+    rss: int | None = None
+    pss: int | None = None
+    store: int | None = None
+    spilled: int | None = None
+    overhead: float | None = None
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / MIB:,.0f}"
+
+
+def cells(row: Row, ref: float | None, limit: float | None) -> list[str]:
+    """One row's cells; ratios use the steady rate (the wall rate when there is none)."""
+    speed = row.steady or row.rate
+    return [
+        row.pipeline, str(row.images), _num(row.wall, ".1f"), _num(row.rate, ".2f"),
+        _num(row.steady, ".2f"),
+        _num(speed / ref if speed and ref else None, ".2f"),
+        _num(speed / limit if speed and limit else None, ".0%"),
+        _mib(row.rss), _mib(row.pss), _mib(row.store), _mib(row.spilled),
+        _num(row.overhead, ".1f"),
+    ]
+
+
+def format_table(rows: list[Row], ref: float | None, limit: float | None,
+                 markdown: bool = False) -> str:
+    body = [list(COLUMNS)] + [cells(r, ref, limit) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(body[0]) + " |", "|" + "---|" * len(COLUMNS)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body[1:]])
+    widths = [max(len(r[i]) for r in body) for i in range(len(COLUMNS))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(body[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body[1:]])
