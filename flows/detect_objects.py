@@ -1,27 +1,37 @@
 """The detection DAG on one screen: parameters → five tasks → summary.
 
 list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → validate_sample
-→ write_parquet → publish_manifest (the commit point).
+→ write_parquet → publish_manifest (the commit point) → publish_latest (+ a Prefect event).
 """
 
 from prefect import flow, get_run_logger
+from prefect.events import emit_event
 from prefect.states import Failed
 
 from detectflow import config as t
 from detectflow import storage
+from detectflow.announce import published_event
 from detectflow.config import DEFAULTS as D
 from detectflow.config import RunConfig, parse_config
 from detectflow.errors import DetectflowError
 from detectflow.orchestration import (
     LazyRayTaskRunner,
+    alive_nodes,
     completed,
     ray_cluster,
     task_options,
     worker_env,
 )
-from detectflow.preflight import preflight
+from detectflow.preflight import preflight, require_shared_storage
 from detectflow.publish import read_manifest
-from tasks import detect, list_images, publish_manifest, validate_sample, write_parquet
+from tasks import (
+    detect,
+    list_images,
+    publish_latest,
+    publish_manifest,
+    validate_sample,
+    write_parquet,
+)
 
 
 @flow(name="detect-objects", task_runner=LazyRayTaskRunner())
@@ -39,10 +49,12 @@ def detect_objects(
     s3_endpoint_url: t.S3EndpointUrl = D["s3_endpoint_url"],
     device: t.Device = D["device"],
     num_actors: t.NumActors = D["num_actors"],
+    max_actors: t.MaxActors = D["max_actors"],
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],
     cpus_per_actor: t.CpusPerActor = D["cpus_per_actor"],
     sample_size: t.SampleSize = D["sample_size"],
     max_failure_fraction: t.FailureFraction = D["max_failure_fraction"],
+    shard_size: t.ShardSize = D["shard_size"],
 ) -> dict:
     """Detect objects in every image under ``input_uri``; publish ``<output_uri>/<run_id>/``."""
     try:
@@ -57,9 +69,10 @@ def _run(cfg: RunConfig) -> dict:
     weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
     if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
         get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
-        return check_failures(cfg, manifest)
+        return finish(cfg, manifest)
     env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg.ray_address, env), task_options(env):
+        require_shared_storage(cfg, alive_nodes())  # every node must reach input and output
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
         # surfaces as that stage's own error, and one warm Ray worker runs every task.
         listing = completed(list_images.submit(cfg))
@@ -69,14 +82,17 @@ def _run(cfg: RunConfig) -> dict:
         manifest = publish_manifest.submit(
             cfg, weights_id, listing, detected, sample, written
         ).result()
-    return check_failures(cfg, manifest)
+    return finish(cfg, manifest)
 
 
-def check_failures(cfg: RunConfig, manifest: dict):
-    """Outputs are written either way; too many unreadable images marks the run Failed."""
+def finish(cfg: RunConfig, manifest: dict):
+    """Outputs are written either way; too many unreadable images marks the run Failed, and only
+    a healthy run moves ``latest.json`` and emits the event consumers trigger on."""
     failed, images = manifest["counts"]["failed"], manifest["counts"]["images"]
     if failed > cfg.max_failure_fraction * images:
         return Failed(message=f"{failed} of {images} images failed (more than "
                       f"max_failure_fraction={cfg.max_failure_fraction:g}); outputs are in "
                       f"{cfg.run_uri}", data=manifest)
+    if latest := publish_latest(cfg, manifest):  # runs here, in the flow process, with retries
+        emit_event(**published_event(cfg.output_uri, latest))
     return manifest

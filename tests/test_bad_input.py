@@ -100,3 +100,4 @@ def test_too_many_failures_mark_the_run_failed_after_writing(corpus, ray_local, 
     assert state.is_failed()
     assert "3 of 4 images failed" in state.message and "max_failure_fraction=0.1" in state.message
     assert (tmp_path / "strict" / "manifest.json").exists()  # outputs written, then flagged
+    assert not (tmp_path / "latest.json").exists()  # but consumers are not pointed at it

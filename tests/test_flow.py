@@ -16,7 +16,8 @@ from detectflow.schema import DETECTION_SCHEMA
 from flows.detect_objects import detect_objects
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
-STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest"}
+STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest",
+          "publish_latest"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_manifest_describes_exactly_what_was_written(run, small_weights):
     detections = sum(len(r) for t in tables for r in t.column("labels").to_pylist())
     assert counts["images"] == 5 and counts["failed"] == 0 and counts["detections"] == detections
     assert sum(counts["per_class"].values()) == detections
-    assert set(manifest["stage_seconds"]) == STAGES - {"publish_manifest"}
+    assert set(manifest["stage_seconds"]) == STAGES - {"publish_manifest", "publish_latest"}
     assert manifest["images_per_second"] > 0
     assert manifest["parameters"]["score_threshold"] == 0.3
     assert not (run_dir / "_staging").exists()
@@ -94,9 +95,17 @@ def test_every_task_run_lands_in_the_flow_api_completed(run):
         )
         artifacts = {a.key for a in client.read_artifacts() if a.flow_run_id == flow_run_id}
     assert {t.name.rsplit("-", 1)[0] for t in task_runs} == STAGES
-    assert all(t.state.is_completed() for t in task_runs) and len(task_runs) == 5
+    assert all(t.state.is_completed() for t in task_runs) and len(task_runs) == len(STAGES)
     assert {"detection-samples", "detections-per-category", "run-manifest",
             "detect-progress"} <= artifacts
+
+
+def test_latest_pointer_names_the_published_run(run):
+    latest = json.loads((run["dir"].parent / "latest.json").read_text())
+    manifest = run["dir"] / "manifest.json"
+    assert latest["run_id"] == "flow-test" and latest["manifest_uri"] == str(manifest)
+    assert latest["manifest_sha256"] == storage.sha256_file(str(manifest))
+    assert latest["images"] == 5
 
 
 def test_rerun_of_a_published_run_changes_nothing(run, sample_dir, small_weights):

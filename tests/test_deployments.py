@@ -1,0 +1,279 @@
+"""Deployments as users run them: a real ``prefect server start`` on loopback (its own SQLite
+database), ``prefect deploy`` of deployments/prefect.yaml, a process worker, ``make serve``'s entry
+point, runs created through the REST API exactly as the UI's "Run" button does, and the UI itself
+rendered in headless Chromium."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = [sys.executable, "-m", "prefect"]
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest",
+          "publish_latest"}
+SCREENSHOTS = ROOT / "test-artifacts"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process and everything it started (it leads its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    try:  # children (a flow run's Ray) that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_API_URL=api,  # the UI's own calls go to this port, not the default 4200
+        PREFECT_API_URL=api,  # for the CLI, workers and flow runs started below
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DATA_DISABLE_PROGRESS_BARS="1",
+    )
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(base_url=api, timeout=30, trust_env=False)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "prefect server did not start in 180 s"
+            time.sleep(0.5)
+        yield {"api": api, "env": env, "client": client, "home": home, "port": port}
+    finally:
+        _stop(proc)
+        client.close()
+
+
+def _cli(server, *args: str, timeout: float = 300) -> str:
+    proc = subprocess.run(PREFECT + ["--no-prompt", *args], env=server["env"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def deployed(server):
+    """What README tells a user to type: a process work pool, then ``prefect deploy --all``."""
+    _cli(server, "work-pool", "create", "detectflow", "--type", "process")
+    _cli(server, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    client = server["client"]
+    return {name: client.get(f"/deployments/name/detect-objects/{name}").json()
+            for name in ("nightly", "on-demand")}
+
+
+def _create_run(server, deployment_id: str, parameters: dict) -> httpx.Response:
+    """POST /deployments/{id}/create_flow_run: what the UI's Run → Custom run submits."""
+    return server["client"].post(f"/deployments/{deployment_id}/create_flow_run",
+                                 json={"parameters": parameters})
+
+
+def _wait_terminal(server, flow_run_id: str, proc: subprocess.Popen, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = server["client"].get(f"/flow_runs/{flow_run_id}").json()
+        if run["state_type"] in TERMINAL:
+            return run
+        if proc.poll() is not None:  # the worker / served process died: no point waiting
+            time.sleep(5)
+            return server["client"].get(f"/flow_runs/{flow_run_id}").json()
+        time.sleep(2)
+    raise AssertionError(f"flow run not finished after {timeout} s; state {run['state_type']}")
+
+
+def _filter(server, what: str, body: dict) -> list[dict]:
+    response = server["client"].post(f"/{what}/filter", json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+def _params(out: Path, run_id: str, small_weights: Path, **extra) -> dict:
+    return {"output_uri": str(out), "model": SMALL, "weights": str(small_weights),
+            "score_threshold": 0.3, "run_id": run_id, **extra}
+
+
+def test_prefect_yaml_registers_the_nightly_schedule_and_a_work_pool(server, deployed):
+    nightly, on_demand = deployed["nightly"], deployed["on-demand"]
+    assert [(s["schedule"]["cron"], s["schedule"]["timezone"], s["active"])
+            for s in nightly["schedules"]] == [("0 2 * * *", "UTC", True)]
+    assert on_demand["schedules"] == []
+    assert nightly["work_pool_name"] == on_demand["work_pool_name"] == "detectflow"
+    scheduled = _filter(server, "flow_runs", {
+        "deployments": {"id": {"any_": [nightly["id"]]}},
+        "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+    })
+    assert scheduled, "the scheduler created no upcoming runs"
+    assert all(r["expected_start_time"].endswith("02:00:00Z") or "T02:00:00" in
+               r["expected_start_time"] for r in scheduled)
+    # The run form: typed fields with their constraints, so the UI renders and checks them.
+    props = on_demand["parameter_openapi_schema"]["properties"]
+    for field in ("input_uri", "output_uri", "model", "score_threshold", "batch_size",
+                  "num_actors", "gpus_per_actor", "sample_size", "ray_address"):
+        assert field in props, field
+    assert props["score_threshold"]["maximum"] == 1.0 and props["batch_size"]["minimum"] == 1
+
+
+@pytest.mark.parametrize("field,value", [("score_threshold", 2.0), ("batch_size", 0),
+                                         ("model", "no_such_model"), ("run_id", "../escape")])
+def test_bad_parameter_is_refused_before_the_run_starts(server, deployed, field, value):
+    response = _create_run(server, deployed["on-demand"]["id"], {field: value})
+    assert response.status_code == 409, response.text
+    assert f"field '{field}'" in response.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def worker_run(server, deployed, small_weights, tmp_path_factory):
+    """A run created as the UI creates it, picked up by ``prefect worker start --run-once``."""
+    out = tmp_path_factory.mktemp("deployed-out")
+    response = _create_run(server, deployed["on-demand"]["id"],
+                           _params(out, "from-deployment", small_weights))
+    assert response.status_code == 201, response.text
+    flow_run_id = response.json()["id"]
+    log = open(server["home"] / "worker.log", "wb")
+    started = time.monotonic()
+    worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "detectflow", "--run-once"],
+                              env=server["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        run = _wait_terminal(server, flow_run_id, worker, timeout=480)
+        seconds = time.monotonic() - started
+    finally:
+        _stop(worker)
+    assert run["state_type"] == "COMPLETED", (server["home"] / "worker.log").read_text()[-4000:]
+    print(f"\ntrigger → Completed through a process worker: {seconds:.1f} s")
+    return {"id": flow_run_id, "out": out, "run_dir": out / "from-deployment"}
+
+
+def test_triggered_run_completes_every_stage_and_publishes(server, worker_run, sample_dir):
+    task_runs = _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [worker_run["id"]]}}})
+    assert {t["name"].rsplit("-", 1)[0] for t in task_runs} == STAGES
+    assert all(t["state_type"] == "COMPLETED" for t in task_runs)
+    artifacts = {a["key"]: a for a in _filter(
+        server, "artifacts", {"artifacts": {"flow_run_id": {"any_": [worker_run["id"]]}}})}
+    assert {"detection-samples", "detections-per-category", "run-manifest",
+            "detect-progress"} <= set(artifacts)
+    assert artifacts["detect-progress"]["data"] == 100.0
+    assert artifacts["detection-samples"]["data"].count("data:image/") == 4
+
+    manifest = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
+    table = pq.read_table(worker_run["run_dir"] / manifest["output"]["files"][0]["path"])
+    assert table.num_rows == manifest["counts"]["images"] == len(list(sample_dir.glob("*.jpg")))
+    assert manifest["parameters"]["input_uri"] == str(sample_dir)  # the deployment's default
+
+    latest = json.loads((worker_run["out"] / "latest.json").read_text())
+    assert latest["run_id"] == "from-deployment"
+    assert latest["manifest_uri"] == str(worker_run["run_dir"] / "manifest.json")
+
+
+def test_published_event_is_recorded_for_automations(server, worker_run):
+    deadline = time.monotonic() + 60
+    while True:
+        page = server["client"].post("/events/filter", json={
+            "filter": {"event": {"name": ["detectflow.manifest.published"]},
+                       "any_resource": {"id": [f"detectflow.dataset.{worker_run['out']}"]}},
+            "limit": 10,
+        }).json()
+        if page["events"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(page["events"]) == 1, page
+    event = page["events"][0]
+    assert event["payload"]["manifest_uri"] == str(worker_run["run_dir"] / "manifest.json")
+    assert event["payload"]["images"] == 5 and event["payload"]["failed"] == 0
+    related = {r["prefect.resource.id"] for r in event["related"]}
+    assert f"prefect.flow-run.{worker_run['id']}" in related
+
+
+def _chromium() -> str | None:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None and os.environ.get("DETECTFLOW_REQUIRE_BROWSER"):
+        pytest.fail("chromium is required (DETECTFLOW_REQUIRE_BROWSER is set) but not installed")
+    return path
+
+
+def _browse(browser: str, url: str, profile: Path, *output: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", "--window-size=1200,1400",
+         "--virtual-time-budget=30000", *output, url],
+        capture_output=True, timeout=180,
+    )
+
+
+def test_ui_shows_the_drawn_boxes_on_the_runs_artifact_page(server, worker_run, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    artifacts = _filter(server, "artifacts", {"artifacts": {
+        "flow_run_id": {"any_": [worker_run["id"]]}, "key": {"any_": ["detection-samples"]}}})
+    url = f"http://127.0.0.1:{server['port']}/artifacts/artifact/{artifacts[0]['id']}"
+    dom = _browse(browser, url, tmp_path / "profile", "--dump-dom").stdout.decode()
+    assert "Sample detections" in dom and "from-deployment" in dom, dom[-2000:]
+    assert dom.count('<img src="data:image/') == 4  # the drawn-box pictures, rendered
+    SCREENSHOTS.mkdir(exist_ok=True)
+    shot = SCREENSHOTS / "ui-detection-samples.png"
+    _browse(browser, url, tmp_path / "profile2", f"--screenshot={shot}")
+    assert shot.stat().st_size > 50_000  # kept for people to look at: pictures, not a blank page
+
+
+def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weights,
+                                                   tmp_path_factory):
+    """``make serve``: the same deployments, executed by a long-running process (no worker runs
+    here, so only the served process can pick the run up)."""
+    out = tmp_path_factory.mktemp("served-out")
+    log = open(server["home"] / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "deployments/serve.py"], env=server["env"],
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    client = server["client"]
+    try:
+        deadline = time.monotonic() + 120
+        served = server["home"] / "serve.log"
+        while "being served" not in served.read_text() and time.monotonic() < deadline:
+            assert serve.poll() is None, served.read_text()[-3000:]
+            time.sleep(1)
+        nightly = client.get("/deployments/name/detect-objects/nightly").json()
+        assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+        assert nightly["schedules"][0]["active"]
+        on_demand = client.get("/deployments/name/detect-objects/on-demand").json()
+        response = _create_run(server, on_demand["id"],
+                               _params(out, "served", small_weights, limit=1, sample_size=1))
+        assert response.status_code == 201, response.text
+        run = _wait_terminal(server, response.json()["id"], serve, timeout=480)
+    finally:
+        _stop(serve)
+    assert run["state_type"] == "COMPLETED", (server["home"] / "serve.log").read_text()[-4000:]
+    assert json.loads((out / "served" / "manifest.json").read_text())["counts"]["images"] == 1
