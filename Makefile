@@ -10,7 +10,7 @@ MODEL   ?= fasterrcnn_resnet50_fpn_v2
 WEIGHTS ?=
 ARGS    ?=
 
-.PHONY: run test lint install install-dev test-weights clean
+.PHONY: run test lint install install-dev test-weights clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: install-dev
 test-weights: install
 	$(BIN)/python tests/calibrated_weights.py --model $(MODEL) --images data/sample_images \
 		--out output/weights/$(MODEL)-calibrated.pth
+
+# Throughput against Ray's reference recipe and the bare model (benchmarks/RESULTS.md); never
+# part of `make test`. BENCH_ARGS e.g. "--n 48 --scale" or "--device cuda".
+BENCH_ARGS ?=
+bench: install-dev
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf output .pytest_cache
