@@ -10,7 +10,7 @@ MODEL   ?= fasterrcnn_resnet50_fpn_v2
 WEIGHTS ?=
 ARGS    ?=
 
-.PHONY: run test lint install install-dev test-weights clean bench
+.PHONY: run test lint install install-dev test-weights clean bench deploy worker serve
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,20 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	$(BIN)/detectflow run --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+# Prefect deployments (needs PREFECT_API_URL, e.g. a `prefect server start` on this machine).
+POOL ?= detectflow
+
+deploy: install
+	$(BIN)/prefect work-pool inspect $(POOL) >/dev/null 2>&1 || \
+		$(BIN)/prefect work-pool create $(POOL) --type process
+	$(BIN)/prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+
+worker: install
+	$(BIN)/prefect worker start --pool $(POOL)
+
+serve: install
+	$(BIN)/python deployments/serve.py
 
 lint: install-dev
 	$(BIN)/ruff check .

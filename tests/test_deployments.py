@@ -75,6 +75,24 @@ def server(tmp_path_factory):
     finally:
         _stop(proc)
         client.close()
+    left = _processes_of(home)
+    for p in left:
+        p.kill()
+    assert not left, f"processes left behind: {[p.cmdline()[:4] for p in left]}"
+
+
+def _processes_of(home: Path) -> list:
+    """Processes (server, workers, flow runs, their Ray) that carry this test's PREFECT_HOME."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("PREFECT_HOME") == str(home):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
 
 
 def _cli(server, *args: str, timeout: float = 300) -> str:
