@@ -9,8 +9,10 @@ from the manifest it publishes.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,7 +47,8 @@ def run_detect_stage(images_dir: Path, work_dir: Path, **params: Any) -> dict[st
 
 
 def run_whole_flow(images_dir: Path, work_dir: Path, model: str, weights: str | None,
-                   score_threshold: float, device: str, extra: list[str] = ()) -> dict[str, Any]:
+                   score_threshold: float, device: str, extra: list[str] = (),
+                   log: Path | None = None) -> dict[str, Any]:
     """``detectflow run`` in a child process; wall time, peak memory and the manifest's timings."""
     cmd = [sys.executable, "-m", "detectflow", "run", "--input", str(images_dir),
            "--output", str(work_dir), "--model", model, "--score-threshold",
@@ -53,9 +56,9 @@ def run_whole_flow(images_dir: Path, work_dir: Path, model: str, weights: str | 
     if weights:
         cmd += ["--weights", weights]
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    log = work_dir / "flow.log"
+    log = log or work_dir / "flow.log"
     work_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), dt.datetime.now()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         with MemorySampler(pid=proc.pid) as mem:
@@ -67,4 +70,32 @@ def run_whole_flow(images_dir: Path, work_dir: Path, model: str, weights: str | 
     stages = manifest["stage_seconds"]
     return {"images": manifest["counts"]["images"], "wall": wall, "stages": stages,
             "detect_seconds": stages["detect"], "overhead": wall - stages["detect"],
-            "peaks": mem.peaks, "log": str(log)}
+            "peaks": mem.peaks, "log": str(log),
+            "timeline": timeline(log.read_text(errors="replace"), started_at)}
+
+
+# Log lines that mark the start-up steps of `detectflow run`, in order.
+MARKS = {
+    "prefect server starting": "Starting temporary server",
+    "flow run begins": "Beginning flow run",
+    "ray started": "Started a local Ray instance",
+    "first task logs": "Task run 'list_images",
+    "detect starts": "resource plan:",
+    "detect done": "Task run 'detect-.*Finished",
+    "flow done": "Flow run .* Finished",
+}
+_TIME = re.compile(r"(\d\d:\d\d:\d\d)[.,](\d{3})")
+
+
+def timeline(text: str, started_at: dt.datetime) -> dict[str, float]:
+    """Seconds from the process start to the first log line matching each mark."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name, pattern in MARKS.items():
+            if name in out or not re.search(pattern, line) or not (m := _TIME.search(line)):
+                continue
+            clock = dt.datetime.strptime(m.group(1), "%H:%M:%S").time()
+            when = dt.datetime.combine(started_at.date(), clock).replace(
+                microsecond=int(m.group(2)) * 1000)
+            out[name] = round((when - started_at).total_seconds(), 1)
+    return out

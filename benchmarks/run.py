@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
             lim = run_limit(images, model, weights, args.score_threshold, args.device)
             limit_rate = lim["rate"]
-            notes.append("limit images/s by batch: " + ", ".join(
-                f"{b}: {r:.2f}" for b, r in lim["rates"].items()) + f" ({lim['threads']} threads)")
-            rows.append(Row(f"limit (bare model, batch {lim['best_batch']})", lim["images"],
+            notes.append("limit images/s: " + "; ".join(
+                f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
+            rows.append(Row(f"limit (bare model: {lim['best']})", lim["images"],
                             lim["images"] / lim["rate"], lim["rate"], lim["rate"],
                             lim["peaks"].rss, lim["peaks"].pss))
         if {"reference", "detect"} - skip:
@@ -110,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
 
             extra = [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(args.sets).items()]
             flow = run_whole_flow(images, work / "flow", model, weights, args.score_threshold,
-                                  args.device, extra)
+                                  args.device, extra, log=cache / "flow-last.log")
             notes.append("whole flow stage seconds: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in flow["stages"].items()))
+            notes.append("whole flow timeline (s from process start): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in flow["timeline"].items()) + f", exit {flow['wall']:.1f}")
             rows.append(Row("ours: whole flow (detectflow run)", flow["images"], flow["wall"],
                             flow["images"] / flow["wall"], flow["images"] / flow["detect_seconds"],
                             flow["peaks"].rss, flow["peaks"].pss, overhead=flow["overhead"]))
@@ -147,17 +149,29 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
         if "detect" not in skip:
             from benchmarks.ours import run_detect_stage
 
-            runs = [(args.n, images)]
-            if args.scale:
-                runs.append((10 * args.n, make_images(10 * args.n, cache / "images")))
-            for n, folder in runs:
-                det = run_detect_stage(folder, work / f"detect-{n}", **ours)
-                notes.append(f"ours {n} images: {det['plan'].describe()}; "
+            runs = [(name, args.n, images, extra) for name, extra in variants(args.device)]
+            if args.scale:  # the last variant again, on 10x the images
+                name, _, _, extra = runs[-1]
+                runs.append((name, 10 * args.n, make_images(10 * args.n, cache / "images"), extra))
+            for i, (name, n, folder, extra) in enumerate(runs):
+                det = run_detect_stage(folder, work / f"detect-{i}", **{**ours, **extra})
+                notes.append(f"ours ({name}) {n} images: {det['plan'].describe()}; "
                              f"{det['detections']} boxes, {det['failed']} failed")
-                rows.append(_ray_row("ours: detect stage", det))
+                rows.append(_ray_row(f"ours: detect stage ({name})", det))
     finally:
         ray.shutdown()
     return rows
+
+
+def variants(device: str) -> list[tuple[str, dict]]:
+    """Our detect stage with its defaults and, on CPU, with one single-threaded actor per core
+    (decoding shares the cores): the best layout measured on a small model (RESULTS.md)."""
+    cpus = os.cpu_count() or 1
+    if device == "cuda" or cpus < 2:
+        return [("defaults", {})]
+    return [("defaults", {}),
+            (f"{cpus} actors x {(cpus - 1) / cpus:g} CPU",
+             {"num_actors": cpus, "cpus_per_actor": (cpus - 1) / cpus})]
 
 
 def _ray_row(name: str, result: dict):
