@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--s3-endpoint-url", default=None,
                      help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D["device"])
-    run.add_argument("--num-actors", type=int, default=None)
+    run.add_argument("--num-actors", type=int, default=None,
+                     help="inference actors (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--max-actors", type=int, default=None,
+                     help="let the actor pool grow from --num-actors (or 1) up to this")
     run.add_argument("--gpus-per-actor", type=float, default=D["gpus_per_actor"])
     run.add_argument("--cpus-per-actor", type=float, default=D["cpus_per_actor"])
     run.add_argument("--sample-size", type=int, default=D["sample_size"])

@@ -71,6 +71,10 @@ S3EndpointUrl = Annotated[
 NumActors = Annotated[
     int | None, Field(ge=1, description="Inference actors; empty = one per GPU, or 1 on CPU.")
 ]
+MaxActors = Annotated[
+    int | None,
+    Field(ge=1, description="Let the actor pool grow up to N (num_actors, or 1, is the minimum)."),
+]
 GpusPerActor = Annotated[float, Field(ge=0.0, le=8.0, description="GPUs each actor reserves.")]
 CpusPerActor = Annotated[float, Field(gt=0.0, le=256.0, description="CPUs each CPU actor uses.")]
 SampleSize = Annotated[int, Field(ge=0, le=64, description="Images drawn for validation.")]
@@ -105,6 +109,7 @@ class RunConfig(BaseModel):
     s3_endpoint_url: S3EndpointUrl = None
     device: Device = "auto"
     num_actors: NumActors = None
+    max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0
     cpus_per_actor: CpusPerActor = 1.0
     decode_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0

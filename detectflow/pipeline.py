@@ -27,7 +27,12 @@ DECODE_BATCH = 16
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """How the detect stage uses the cluster; logged once and recorded in the manifest."""
+    """How the detect stage uses the cluster; logged once and recorded in the manifest.
+
+    ``num_actors`` is the pool's size, or its minimum when ``max_actors`` is larger (Ray Data
+    then grows the pool while work queues up, e.g. as an autoscaling cluster adds GPU nodes).
+    ``decode_tasks`` is how many decode tasks the CPUs left beside the actors can run at once.
+    """
 
     device: str
     num_actors: int
@@ -37,32 +42,66 @@ class ResourcePlan:
     batch_size: int
     cluster_cpus: float
     cluster_gpus: float
+    nodes: int = 1
+    max_actors: int | None = None
+    decode_tasks: int = 1
 
     def describe(self) -> str:
+        pool = (f"{self.num_actors}-{self.max_actors}" if self.max_actors != self.num_actors
+                else f"{self.num_actors}")
         return (
-            f"{self.num_actors} {self.device} actor(s) x (gpus={self.gpus_per_actor:g}, "
-            f"cpus={self.cpus_per_actor:g}), batch {self.batch_size}, decode cpus "
-            f"{self.decode_cpus:g}; cluster {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU"
+            f"{self.nodes} node(s), {self.cluster_cpus:g} CPU / {self.cluster_gpus:g} GPU; "
+            f"{pool} {self.device} actor(s) x (gpus={self.gpus_per_actor:g}, "
+            f"cpus={self.cpus_per_actor:g}), batch {self.batch_size}; "
+            f"decode up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU"
         )
 
+    def actor_pool(self):
+        """Ray Data's compute strategy for the inference actors: fixed, or min-max."""
+        import ray.data
 
-def plan_resources(cfg: RunConfig, cluster: dict[str, float]) -> ResourcePlan:
-    """Pure: GPU actors (one per ``gpus_per_actor``) when the cluster has GPUs, else CPU actors."""
+        if self.max_actors == self.num_actors:
+            return ray.data.ActorPoolStrategy(size=self.num_actors)
+        return ray.data.ActorPoolStrategy(min_size=self.num_actors, max_size=self.max_actors)
+
+
+def _pool_bounds(cfg: RunConfig, default: int) -> tuple[int, int]:
+    """(min, max) actors: ``num_actors`` fixes the pool; with ``max_actors`` it is the minimum."""
+    if cfg.max_actors is None:
+        size = cfg.num_actors or default
+        return size, size
+    low = cfg.num_actors or 1
+    if low > cfg.max_actors:
+        raise ConfigError(f"num_actors={low} is larger than max_actors={cfg.max_actors}")
+    return low, cfg.max_actors
+
+
+def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) -> ResourcePlan:
+    """Pure: size the actor pool and decoding to the cluster found at run time.
+
+    GPU actors (one per ``gpus_per_actor`` of the cluster's GPUs, unless a pool size is given)
+    when the cluster has GPUs, else CPU actors (1 by default). Decoding gets the CPUs the actors
+    leave; it must get at least ``decode_cpus``, or the pipeline could never make progress.
+    """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if cfg.device == "cuda" and gpus == 0:
         raise ConfigError("device=cuda was requested but the Ray cluster has no GPU")
     if cfg.device != "cpu" and gpus > 0 and cfg.gpus_per_actor > 0:
-        actors = cfg.num_actors or max(1, int(gpus // cfg.gpus_per_actor))
-        return ResourcePlan("cuda", actors, cfg.gpus_per_actor, 1.0, cfg.decode_cpus,
-                            cfg.batch_size, cpus, gpus)
-    actors = cfg.num_actors or 1
-    if actors * cfg.cpus_per_actor + cfg.decode_cpus > cpus:
+        low, high = _pool_bounds(cfg, max(1, int(gpus // cfg.gpus_per_actor)))
+        device, gpus_per_actor, cpus_per_actor = "cuda", cfg.gpus_per_actor, 1.0
+    else:
+        low, high = _pool_bounds(cfg, 1)
+        device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, cfg.cpus_per_actor
+    left = cpus - low * cpus_per_actor
+    if left < cfg.decode_cpus:
         raise ConfigError(
-            f"{actors} CPU actor(s) x {cfg.cpus_per_actor:g} CPU + {cfg.decode_cpus:g} for decoding "
-            f"exceed the cluster's {cpus:g} CPUs; lower num_actors or cpus_per_actor"
+            f"{low} {device} actor(s) x {cpus_per_actor:g} CPU + {cfg.decode_cpus:g} for "
+            f"decoding exceed the cluster's {cpus:g} CPUs; lower num_actors or cpus_per_actor"
         )
-    return ResourcePlan("cpu", actors, 0.0, cfg.cpus_per_actor, cfg.decode_cpus,
-                        cfg.batch_size, cpus, gpus)
+    return ResourcePlan(
+        device, low, gpus_per_actor, cpus_per_actor, cfg.decode_cpus, cfg.batch_size, cpus, gpus,
+        nodes=nodes, max_actors=high, decode_tasks=int(left // cfg.decode_cpus),
+    )
 
 
 def shard_sizes(images: int, shard_size: int) -> dict[int, int]:
@@ -182,7 +221,7 @@ def build_dataset(cfg: RunConfig, listing_uri: str, plan: ResourcePlan):
         },
         batch_size=plan.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        compute=plan.actor_pool(),
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )

@@ -10,7 +10,7 @@ import os
 
 from detectflow import storage
 from detectflow.config import RunConfig
-from detectflow.errors import OutputError
+from detectflow.errors import ConfigError, InputError, OutputError
 from detectflow.listing import require_images
 from detectflow.models import resolve_weights
 
@@ -33,6 +33,39 @@ def check_output(output_uri: str) -> None:
         raise OutputError(f"cannot write to {output_uri}: bucket does not exist") from None
     except Exception as exc:
         raise OutputError(f"cannot write to {output_uri}: {storage.explain(exc)}") from None
+
+
+def shared_paths_from_env() -> tuple[str, ...]:
+    """Folders mounted at the same path on every node (NFS, a shared volume), ``:``-separated
+    in ``DETECTFLOW_SHARED_PATHS``."""
+    value = os.environ.get("DETECTFLOW_SHARED_PATHS", "")
+    return tuple(os.path.abspath(p) for p in value.split(":") if p)
+
+
+def require_shared_storage(
+    cfg: RunConfig, nodes: int, shared_paths: tuple[str, ...] | None = None
+) -> None:
+    """On a multi-node cluster every node reads the input and weights and writes the output, so
+    a path on one machine's disk would be missing (or different) on the others: refuse it,
+    unless it lies under a folder declared shared."""
+    if nodes <= 1:
+        return
+    shared = shared_paths_from_env() if shared_paths is None else shared_paths
+
+    def node_local(uri: str) -> bool:
+        if not storage.is_local(uri):
+            return False
+        path = os.path.abspath(uri.removeprefix("file://"))
+        return not any(path == p or path.startswith(p.rstrip("/") + "/") for p in shared)
+
+    hint = (f"but the Ray cluster has {nodes} nodes; use shared storage or s3:// "
+            "(or list a folder mounted on every node in DETECTFLOW_SHARED_PATHS)")
+    if node_local(cfg.input_uri):
+        raise InputError(f"input {cfg.input_uri} is a local path {hint}")
+    if node_local(cfg.output_uri):
+        raise OutputError(f"output {cfg.output_uri} is a local path {hint}")
+    if cfg.weights and node_local(cfg.weights):
+        raise ConfigError(f"weights {cfg.weights} is a local path {hint}")
 
 
 def preflight(cfg: RunConfig) -> dict[str, str]:

@@ -7,6 +7,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from detectflow.config import RunConfig
+from detectflow.orchestration import alive_nodes
 from detectflow.pipeline import plan_resources, run_detection
 from detectflow.publish import run_paths
 
@@ -16,7 +17,7 @@ PROGRESS_EVERY_S = 5.0
 @task(name="detect")
 def detect(cfg: RunConfig, listing: dict) -> dict:
     logger = get_run_logger()
-    plan = plan_resources(cfg, ray.cluster_resources())
+    plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
     logger.info("resource plan: %s", plan.describe())
     artifact_id = create_progress_artifact(
         progress=0.0, key="detect-progress", description="Images detected (%)"
