@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-size", type=int, default=D["sample_size"])
     run.add_argument("--max-failure-fraction", type=float, default=D["max_failure_fraction"],
                      help="exit non-zero when more than this share of images cannot be read")
+    run.add_argument("--shard-size", type=int, default=D["shard_size"],
+                     help="images per output file; an interrupted run resumes shard by shard")
     return parser
 
 

@@ -82,6 +82,11 @@ FailureFraction = Annotated[
     float,
     Field(ge=0.0, le=1.0, description="Mark the run Failed (after writing) above this share of bad images."),
 ]
+ShardSize = Annotated[
+    int,
+    Field(ge=1, le=1_000_000,
+          description="Images per shard: the unit of output files and of resuming a run."),
+]
 Device = Literal["auto", "cuda", "cpu"]
 
 
@@ -114,7 +119,7 @@ class RunConfig(BaseModel):
     cpus_per_actor: CpusPerActor = 1.0
     decode_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0
     max_image_side: Annotated[int, Field(ge=64, le=65536)] = 4096
-    shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    shard_size: ShardSize = 1000
     sample_size: SampleSize = 4
     max_failure_fraction: FailureFraction = 0.1
 

@@ -3,12 +3,18 @@
 The listing is written to storage (Parquet shards of ``shard_size`` rows) instead of being passed
 between tasks as a Python list: the detect stage streams it back with Ray Data, so a run over
 millions of keys moves only a folder name between Prefect tasks. A shard is also the unit of
-output: shard ``k`` of the listing becomes ``detections/part-k.parquet``.
+output: shard ``k`` of the listing becomes ``detections/part-k.parquet``, and the unit of resuming.
+
+The listing of a run id is fixed once written: ``<listing>.json``, written last, records each
+shard's rows and sha256, and a re-run with the same settings reuses the shards it vouches for,
+so staged detections keep pointing at the same images even if the input changed since.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -64,24 +70,54 @@ def require_images(input_uri: str, extensions: tuple[str, ...]) -> None:
         raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
 
 
+def index_uri(listing_uri: str) -> str:
+    """Where the listing's index lives: next to the shard folder (Ray Data reads the folder)."""
+    return listing_uri.rstrip("/") + ".json"
+
+
+def read_index(listing_uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(index_uri(listing_uri)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _reusable(index: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+    """The index matches these settings and every shard it lists is intact."""
+    if not isinstance(index, dict) or index.get("key") != key:
+        return False
+    try:
+        return all(storage.sha256_file(f["uri"]) == f["sha256"] for f in index["files"])
+    except (FileNotFoundError, KeyError, TypeError):
+        return False
+
+
 def write_listing(
     input_uri: str,
     listing_uri: str,
     extensions: tuple[str, ...],
     shard_size: int,
     limit: int | None = None,
-) -> dict[str, int]:
-    """Write ``listing_uri/shard-NNNNN.parquet`` files; returns image and shard counts."""
+) -> dict[str, Any]:
+    """Write ``listing_uri/shard-NNNNN.parquet`` files and the index; returns image and shard
+    counts. An intact listing already written with the same settings is reused as it is."""
+    key = {"input_uri": input_uri, "extensions": sorted(extensions), "shard_size": shard_size,
+           "limit": limit}
+    index = read_index(listing_uri)
+    if _reusable(index, key):
+        return {"images": index["images"], "shards": len(index["files"]), "reused": True}
+    storage.remove(index_uri(listing_uri))
     storage.remove(listing_uri)
     count = shards = 0
     batch: list[dict] = []
+    files: list[dict[str, Any]] = []
 
     def flush() -> None:
         nonlocal shards, batch
         if batch:
-            name = f"shard-{shards:05d}.parquet"
-            storage.write_parquet(storage.join(listing_uri, name),
-                                  pa.Table.from_pylist(batch, schema=LISTING_SCHEMA))
+            uri = storage.join(listing_uri, f"shard-{shards:05d}.parquet")
+            info = storage.write_parquet(uri, pa.Table.from_pylist(batch, schema=LISTING_SCHEMA))
+            files.append({"shard": shards, "uri": uri, "rows": len(batch), "sha256": info["sha256"]})
             shards += 1
             batch = []
 
@@ -95,4 +131,6 @@ def write_listing(
     flush()
     if count == 0:
         raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
-    return {"images": count, "shards": shards}
+    index = {"key": key, "images": count, "files": files}
+    storage.atomic_write_bytes(index_uri(listing_uri), json.dumps(index).encode())
+    return {"images": count, "shards": shards, "reused": False}

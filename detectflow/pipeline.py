@@ -2,7 +2,9 @@
 
 Results stream back to the caller (they carry no pixels, so they are small) and are written per
 listing shard as soon as a shard is complete, under deterministic names. Progress is reported
-through a callback, so the Prefect task can log it and move a progress artifact.
+through a callback, so the Prefect task can log it and move a progress artifact. Re-running a run
+id reuses the shards an interrupted run already staged (verified, see ``resume``) and sends only
+the other shards' images through Ray Data.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detectflow import storage
+from detectflow import failpoints, listing, resume, storage
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError
 from detectflow.predictor import Detector, decode_batch
@@ -124,6 +126,9 @@ class DetectStats:
     failures: list[dict[str, str]] = field(default_factory=list)
     staged: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    shards_reused: int = 0  # staged by an earlier, interrupted attempt and verified
+    images_reused: int = 0
+    images_inferred: int = 0  # rows that came out of the inference actors in this attempt
 
     def add(self, table: pa.Table) -> None:
         self.images += table.num_rows
@@ -146,28 +151,53 @@ class DetectStats:
 
 
 class ShardWriter:
-    """Buffers streamed rows per shard and writes each shard once it is complete."""
+    """Buffers streamed rows per shard and writes each shard once it is complete.
 
-    def __init__(self, staging_uri: str, expected: dict[int, int]) -> None:
+    Rows are keyed by their listing ``index``: a block that Ray re-executes (after a lost actor,
+    say) cannot put an image into the output twice.
+    """
+
+    def __init__(self, staging_uri: str, expected: dict[int, int],
+                 listing_sha256: dict[int, str] | None = None, key: str = "") -> None:
         self.staging_uri = staging_uri
         self.expected = expected
+        self.listing_sha256 = listing_sha256 or {}
+        self.key = key
         self.pending: dict[int, list[pa.Table]] = {}
+        self.seen: dict[int, set[int]] = {}
         self.counts: Counter = Counter()
         self.written: list[dict[str, Any]] = []
 
-    def add(self, table: pa.Table) -> None:
+    def reuse(self, entry: dict[str, Any]) -> None:
+        """Count a shard staged by an earlier attempt as complete."""
+        self.counts[entry["shard"]] = entry["rows"]
+
+    def add(self, table: pa.Table) -> pa.Table:
+        """Buffer a batch; returns its rows that were not seen before."""
+        fresh = []
         for shard in pc.unique(table.column("shard")).to_pylist():
             part = table.filter(pc.equal(table.column("shard"), shard))
+            if self.counts[shard] >= self.expected[shard]:
+                continue  # already complete: every row here is a repeat
+            seen = self.seen.setdefault(shard, set())
+            keep = []
+            for index in part.column("index").to_pylist():
+                keep.append(index not in seen)
+                seen.add(index)
+            part = part.filter(pa.array(keep, pa.bool_()))
+            fresh.append(part)
             self.pending.setdefault(shard, []).append(part)
             self.counts[shard] += part.num_rows
             if self.counts[shard] >= self.expected[shard]:
                 self._write(shard)
+        return pa.concat_tables(fresh) if fresh else table.slice(0, 0)
 
     def _write(self, shard: int) -> None:
         table = pa.concat_tables(self.pending.pop(shard)).sort_by("index")
-        uri = storage.join(self.staging_uri, f"shard-{shard:05d}.parquet")
-        info = storage.write_parquet(uri, table)
-        self.written.append({"shard": shard, "uri": uri, "rows": table.num_rows, **info})
+        del self.seen[shard]
+        self.written.append(resume.write_staged(
+            self.staging_uri, shard, table, self.listing_sha256.get(shard, ""), self.key))
+        failpoints.hit("after-shards", len(self.written))
 
     def missing(self) -> dict[int, int]:
         return {k: n - self.counts[k] for k, n in self.expected.items() if self.counts[k] != n}
@@ -187,11 +217,12 @@ def actor_threads(plan: ResourcePlan) -> int:
     return max(1, int(plan.cpus_per_actor + plan.decode_cpus / max(1, plan.num_actors)))
 
 
-def build_dataset(cfg: RunConfig, listing_uri: str, plan: ResourcePlan):
+def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
-    filesystem, path = storage.arrow_fs(listing_uri)
+    filesystem, _ = storage.arrow_fs(listing_uris[0])
+    path = [storage.arrow_fs(uri)[1] for uri in listing_uris]
     # Small blocks: decode spreads over every CPU even within one listing shard, and results
     # (hence progress) stream back every few images instead of once per shard.
     ds = ray.data.read_parquet(path, filesystem=filesystem).repartition(
@@ -235,20 +266,40 @@ def run_detection(
     plan: ResourcePlan,
     on_progress: Callable[[int, int, float], None] | None = None,
 ) -> DetectStats:
-    """Execute the pipeline, stream results into staged shards, and count what came out."""
-    storage.remove(staging_uri)
-    writer = ShardWriter(staging_uri, shard_sizes(images, cfg.shard_size))
+    """Execute the pipeline, stream results into staged shards, and count what came out.
+
+    Shards that an earlier attempt of this run id staged and that are still intact and current
+    are reused; only the other shards' images are read and inferred.
+    """
+    shards = listing.read_index(listing_uri)["files"]
+    key = resume.fingerprint(cfg)
+    writer = ShardWriter(staging_uri, {f["shard"]: f["rows"] for f in shards},
+                         {f["shard"]: f["sha256"] for f in shards}, key)
     stats = DetectStats()
     start = time.perf_counter()
-    dataset = build_dataset(cfg, listing_uri, plan)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.add(batch)
-        stats.add(batch)
-        if on_progress:
-            on_progress(stats.images, images, time.perf_counter() - start)
+    reused, todo = [], []
+    for f in shards:
+        found = resume.load_staged(staging_uri, f["shard"], f["rows"], f["sha256"], key)
+        if found is None:
+            todo.append(f["uri"])
+            continue
+        entry, table = found
+        writer.reuse(entry)
+        reused.append(entry)
+        stats.add(table)
+        stats.shards_reused += 1
+        stats.images_reused += table.num_rows
+    if todo:
+        dataset = build_dataset(cfg, todo, plan)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            fresh = writer.add(batch)
+            stats.add(fresh)
+            stats.images_inferred += fresh.num_rows
+            if on_progress:
+                on_progress(stats.images, images, time.perf_counter() - start)
     stats.seconds = time.perf_counter() - start
     missing = writer.missing()
     if missing:
         raise RuntimeError(f"detect stage lost rows: shard -> missing count {missing}")
-    stats.staged = sorted(writer.written, key=lambda w: w["shard"])
+    stats.staged = sorted(reused + writer.written, key=lambda w: w["shard"])
     return stats

@@ -101,6 +101,12 @@ def build_manifest(
             "per_class": stats["per_class"],
         },
         "failures": stats["failures"],
+        "resume": {  # what an interrupted earlier attempt of this run id had already staged
+            "shards": len(stats.get("staged", [])),
+            "shards_reused": stats.get("shards_reused", 0),
+            "images_reused": stats.get("images_reused", 0),
+            "images_inferred": stats.get("images_inferred", stats["images"]),
+        },
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
         "images_per_second": round(stats["images"] / detect_seconds, 3) if detect_seconds else None,
         "versions": versions(),

@@ -41,6 +41,9 @@ def detect(cfg: RunConfig, listing: dict) -> dict:
     stats = run_detection(
         cfg, listing["listing_uri"], paths["staged"], listing["images"], plan, on_progress
     )
+    if stats.shards_reused:
+        logger.info("resumed: reused %d staged shard(s) (%d images); inferred %d images",
+                    stats.shards_reused, stats.images_reused, stats.images_inferred)
     logger.info(
         "detected %d boxes on %d images (%d failed) in %.1f s: %.2f images/s",
         stats.detections, stats.images, stats.failed, stats.seconds, stats.images / stats.seconds,

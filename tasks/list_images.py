@@ -16,6 +16,7 @@ def list_images(cfg: RunConfig) -> dict:
     listing_uri = run_paths(cfg.run_uri)["listing"]
     counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit)
     get_run_logger().info(
-        "listed %d images in %d shard(s) from %s", counts["images"], counts["shards"], cfg.input_uri
+        "%s %d images in %d shard(s) from %s", "reused the listing of" if counts["reused"]
+        else "listed", counts["images"], counts["shards"], cfg.input_uri,
     )
     return {"listing_uri": listing_uri, **counts, "seconds": time.perf_counter() - start}

@@ -5,7 +5,7 @@ import time
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
-from detectflow import storage
+from detectflow import failpoints, storage
 from detectflow.config import RunConfig
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.publish import build_manifest, run_paths, write_manifest
@@ -36,6 +36,7 @@ def publish_manifest(
         samples=sample["samples"],
         stage_seconds=stage_seconds,
     )
+    failpoints.hit("before-manifest")  # crash tests: outputs written, no commit point yet
     write_manifest(cfg.run_uri, manifest)
     storage.remove(paths["staging"])
     uri = paths["manifest"]

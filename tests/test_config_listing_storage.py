@@ -58,7 +58,7 @@ def test_listing_shards_have_stable_positions_and_honour_limit(tmp_path):
         _touch(tmp_path / "in" / f"{i:02d}.jpg")
     out = tmp_path / "listing"
     counts = write_listing(str(tmp_path / "in"), str(out), (".jpg",), shard_size=3, limit=5)
-    assert counts == {"images": 5, "shards": 2}
+    assert counts == {"images": 5, "shards": 2, "reused": False}
     files = sorted(os.listdir(out))
     assert files == ["shard-00000.parquet", "shard-00001.parquet"]
     rows = pq.read_table(out / files[0]).to_pylist() + pq.read_table(out / files[1]).to_pylist()

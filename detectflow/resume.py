@@ -1,0 +1,63 @@
+"""Staged shards that survive a crash, so re-running a run id computes only what is missing.
+
+Each staged shard ``shard-NNNNN.parquet`` is written atomically, then its sidecar
+``shard-NNNNN.json``: rows, sha256, the sha256 of the listing shard it came from and a fingerprint
+of the settings that shape detections. A re-run reuses a shard only when all of these still match,
+so a half-written, corrupted or stale shard (other listing, model, weights or threshold) is
+computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from detectflow import storage
+from detectflow.config import RunConfig
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """What a staged row depends on besides its image."""
+    key = {"model": cfg.model, "weights": cfg.weights, "score_threshold": cfg.score_threshold,
+           "max_image_side": cfg.max_image_side, "run_id": cfg.run_id}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def staged_uri(staging_uri: str, shard: int, suffix: str = "parquet") -> str:
+    return storage.join(staging_uri, f"shard-{shard:05d}.{suffix}")
+
+
+def write_staged(
+    staging_uri: str, shard: int, table: pa.Table, listing_sha256: str, key: str
+) -> dict[str, Any]:
+    """Write the shard, then its sidecar (the sidecar is what makes the shard reusable)."""
+    uri = staged_uri(staging_uri, shard)
+    entry = {"shard": shard, "uri": uri, "rows": table.num_rows,
+             **storage.write_parquet(uri, table)}
+    sidecar = {**entry, "listing_sha256": listing_sha256, "fingerprint": key}
+    storage.atomic_write_bytes(staged_uri(staging_uri, shard, "json"), json.dumps(sidecar).encode())
+    return entry
+
+
+def load_staged(
+    staging_uri: str, shard: int, rows: int, listing_sha256: str, key: str
+) -> tuple[dict[str, Any], pa.Table] | None:
+    """The staged shard and its table if it is complete and current, else None."""
+    uri = staged_uri(staging_uri, shard)
+    try:
+        sidecar = json.loads(storage.read_bytes(staged_uri(staging_uri, shard, "json")))
+        data = storage.read_bytes(uri)
+    except (FileNotFoundError, ValueError):
+        return None
+    if (not isinstance(sidecar, dict) or sidecar.get("fingerprint") != key or sidecar.get("listing_sha256") != listing_sha256
+            or sidecar.get("rows") != rows or storage.sha256_bytes(data) != sidecar.get("sha256")):
+        return None
+    table = pq.read_table(pa.BufferReader(data))
+    if table.num_rows != rows:
+        return None
+    return {"shard": shard, "uri": uri, "rows": rows, "bytes": len(data),
+            "sha256": sidecar["sha256"]}, table

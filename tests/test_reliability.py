@@ -1,0 +1,332 @@
+"""Faults a long batch job meets, each provoked for real: a killed inference actor, an S3 outage,
+the process dying before the commit point, an interrupted run resumed, two runs in one prefix.
+
+Crashes are real SIGKILLs of a `detectflow run` process tree; a failpoint
+(``DETECTFLOW_FAILPOINT``) only freezes the run at a known step so the kill lands there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from flaky_s3 import FlakyS3
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from detectflow import resume, storage
+from flows.detect_objects import detect_objects
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+PHOTOS = 12  # copies of the bundled photos: 6 shards of 2
+# Results stream back per block of decoded images (16): more than two blocks leave time to kill
+# the inference actor once the first results are staged and before the last ones are.
+MANY = 40
+
+
+def _copies(folder: Path, sample_dir: Path, n: int) -> Path:
+    originals = sorted(sample_dir.glob("*.jpg"))
+    for i in range(n):
+        shutil.copy(originals[i % len(originals)], folder / f"photo-{i:02d}.jpg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, sample_dir) -> Path:
+    return _copies(tmp_path_factory.mktemp("photos"), sample_dir, PHOTOS)
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, sample_dir) -> Path:
+    return _copies(tmp_path_factory.mktemp("many-photos"), sample_dir, MANY)
+
+
+def _params(input_uri, output_uri, weights, run_id, **extra) -> dict:
+    return dict(input_uri=str(input_uri), output_uri=str(output_uri), model=SMALL,
+                weights=str(weights), score_threshold=0.3, run_id=run_id, **extra)
+
+
+def _published(run_dir: Path) -> tuple[dict, list[dict]]:
+    """What a reader sees: the manifest, and the rows of the files it lists."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    rows = [r for f in manifest["output"]["files"]
+            for r in pq.read_table(run_dir / f["path"]).to_pylist()]
+    return manifest, rows
+
+
+def _assert_every_image_once(rows: list[dict], folder: Path) -> None:
+    uris = [r["image_uri"] for r in rows]
+    assert sorted(uris) == sorted(str(p) for p in folder.iterdir())
+    assert len(uris) == len(set(uris))
+    assert all(r["error"] is None for r in rows)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(folder)): (storage.sha256_file(str(p)), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _sidecars(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "_staging" / "detections").glob("shard-*.json"))
+
+
+# --- a killed inference actor ----------------------------------------------------------------
+
+
+def _alive_detector() -> dict | None:
+    """The inference actor of the running Ray Data pipeline. The GCS actor table is read
+    directly: the state API needs the dashboard, which the test cluster does not start."""
+    import ray._private.state
+
+    for actor in ray._private.state.actors().values():
+        if "MapWorker" in actor["ActorClassName"] and actor["State"] == "ALIVE" and actor["Pid"]:
+            return actor
+    return None
+
+
+@pytest.fixture(scope="module")
+def killed_actor_run(many_photos, ray_local, prefect_api, small_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shared-prefix")
+    run_dir = out / "killed-actor"
+    killed: dict = {}
+    done = threading.Event()
+
+    def kill_once_shards_are_staged() -> None:
+        deadline = time.monotonic() + 400
+        while not done.is_set() and time.monotonic() < deadline:
+            staged = len(_sidecars(run_dir))
+            try:
+                actor = _alive_detector() if staged else None
+            except Exception as exc:
+                killed["error"] = repr(exc)
+                actor = None
+            if actor:
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed.update(actor=actor, staged_at_kill=staged)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_once_shards_are_staged, daemon=True)
+    killer.start()
+    try:
+        state = detect_objects(**_params(many_photos, out, small_weights, "killed-actor",
+                                         shard_size=4, batch_size=2), return_state=True)
+    finally:
+        done.set()
+        killer.join(10)
+    assert state.is_completed(), state.message
+    return {"out": out, "run_dir": run_dir, "killed": killed}
+
+
+def test_killed_inference_actor_the_run_completes_with_every_image_once(killed_actor_run,
+                                                                       many_photos):
+    import ray._private.state
+
+    killed = killed_actor_run["killed"]
+    assert "actor" in killed, f"the inference actor was never seen alive mid-run: {killed}"
+    assert killed["staged_at_kill"] < MANY // 4  # killed mid-run, not after the last shard
+    after = ray._private.state.actors(killed["actor"]["ActorID"])
+    assert after["NumRestarts"] >= 1  # Ray restarted it and re-ran its lost batch
+    manifest, rows = _published(killed_actor_run["run_dir"])
+    _assert_every_image_once(rows, many_photos)
+    assert manifest["counts"]["images"] == MANY and manifest["resume"]["images_inferred"] == MANY
+
+
+def test_two_run_ids_in_one_prefix_never_touch_each_others_files(killed_actor_run, sample_dir,
+                                                                 small_weights):
+    out, run_a = killed_actor_run["out"], killed_actor_run["run_dir"]
+    a_before = _snapshot(run_a)
+    state = detect_objects(**_params(sample_dir, out, small_weights, "second-run"),
+                           return_state=True)
+    assert state.is_completed(), state.message
+    assert _snapshot(run_a) == a_before
+    b_before = _snapshot(out / "second-run")
+    again = detect_objects(**_params(sample_dir, out, small_weights, "killed-actor"))
+    assert again["run_id"] == "killed-actor"
+    assert _snapshot(run_a) == a_before and _snapshot(out / "second-run") == b_before
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["killed-actor", "second-run"]
+    _, rows = _published(out / "second-run")
+    assert {r["run_id"] for r in rows} == {"second-run"} and len(rows) == 5
+
+
+# --- a transient S3 outage ---------------------------------------------------------------------
+
+
+def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local, prefect_api,
+                                                                  small_weights):
+    # One refused write per attempt the S3 client makes on its own: the first attempt of
+    # list_images fails after the client's retries, and only Prefect's task retry recovers.
+    attempts = storage._S3_CONFIG["retries"]["max_attempts"]
+    with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
+        state = detect_objects(**_params("s3://detectflow-in/photos", "s3://detectflow-out/flaky",
+                                         small_weights, "transient-io"),
+                               s3_endpoint_url=proxy.url, return_state=True)
+    assert state.is_completed(), state.message
+    assert len(proxy.refused) == attempts and proxy.passed  # refused, then let through
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    runs = {t.name.rsplit("-", 1)[0]: t for t in task_runs}
+    assert runs["list_images"].run_count == 2 and runs["list_images"].state.is_completed()
+    assert all(t.state.is_completed() for t in task_runs)
+    fs = s3fs.S3FileSystem(endpoint_url=s3)
+    manifest = json.loads(fs.cat_file("detectflow-out/flaky/transient-io/manifest.json"))
+    assert manifest["counts"]["images"] == 5 and manifest["output"]["rows"] == 5
+
+
+# --- crashes of the whole run (a `detectflow run` process tree, SIGKILLed) -----------------------
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class CrashingRun:
+    """`detectflow run` in its own session, frozen at a failpoint, then SIGKILLed with every
+    process it started (its Ray cluster and Prefect server included)."""
+
+    def __init__(self, tmp_path: Path, args: list[str], failpoint: str) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+        env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DETECTFLOW_FAILPOINT=failpoint)
+        self.log = tmp_path / "run.log"
+        self.failpoint = failpoint
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "detectflow", "run", *args],
+                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_for_failpoint(self, timeout: float = 400) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if f"failpoint {self.failpoint} reached" in self.log.read_text(errors="replace"):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.kill()
+        pytest.fail(f"failpoint {self.failpoint} not reached:\n"
+                    + self.log.read_text(errors="replace")[-3000:])
+
+    def kill(self) -> None:
+        victims = _descendants(self.proc.pid)
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in victims:  # those that left the session (Ray's reaper) too
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=60)
+
+
+def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once(
+        tmp_path, sample_dir, small_weights, ray_local, prefect_api):
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "crash"
+    run = CrashingRun(tmp_path, ["--input", str(sample_dir), "--output", str(out), "--model",
+                                 SMALL, "--weights", str(small_weights), "--score-threshold",
+                                 "0.3", "--shard-size", "2", "--run-id", "crash"],
+                      "before-manifest")
+    run.wait_for_failpoint()
+    run.kill()
+    assert run.proc.returncode == -signal.SIGKILL
+    parts = sorted(p.name for p in (run_dir / "detections").iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert not (run_dir / "manifest.json").exists()  # readers see no run at all
+
+    state = detect_objects(**_params(sample_dir, out, small_weights, "crash", shard_size=2),
+                           return_state=True)
+    assert state.is_completed(), state.message
+    manifest, rows = _published(run_dir)
+    _assert_every_image_once(rows, sample_dir)
+    assert [f["path"] for f in manifest["output"]["files"]] == [f"detections/{p}" for p in parts]
+    assert sorted(p.name for p in (run_dir / "detections").iterdir()) == parts
+    assert sorted(p.name for p in run_dir.iterdir()) == ["detections", "manifest.json", "samples"]
+    # The crashed attempt had staged every shard: the re-run verified and reused them all.
+    assert manifest["resume"] == {"shards": 3, "shards_reused": 3, "images_reused": 5,
+                                  "images_inferred": 0}
+    for entry in manifest["output"]["files"]:
+        assert entry["sha256"] == storage.sha256_file(str(run_dir / entry["path"]))
+
+
+def test_resume_reuses_verified_shards_and_infers_only_the_rest(tmp_path, photos, small_weights,
+                                                                 ray_local, prefect_api):
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "resume"
+    run = CrashingRun(tmp_path, ["--input", str(photos), "--output", str(out), "--model", SMALL,
+                                 "--weights", str(small_weights), "--score-threshold", "0.3",
+                                 "--shard-size", "2", "--batch-size", "1", "--run-id", "resume"],
+                      "after-shards:3")
+    run.wait_for_failpoint()
+    run.kill()
+    staged = _sidecars(run_dir)
+    assert len(staged) == 3 and not (run_dir / "manifest.json").exists()
+    # Damage one staged shard: its sha256 no longer matches, so it must be computed again.
+    damaged = staged[0].with_suffix(".parquet")
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+
+    state = detect_objects(**_params(photos, out, small_weights, "resume", shard_size=2,
+                                     batch_size=1), return_state=True)
+    assert state.is_completed(), state.message
+    manifest, rows = _published(run_dir)
+    _assert_every_image_once(rows, photos)
+    assert manifest["resume"] == {"shards": 6, "shards_reused": 2, "images_reused": 4,
+                                  "images_inferred": 8}
+    assert len(manifest["output"]["files"]) == 6 and manifest["counts"]["images"] == PHOTOS
+
+
+def test_staged_shard_is_reused_only_when_complete_and_current(tmp_path):
+    from detectflow.config import RunConfig
+    from detectflow.schema import detection_row, rows_to_table
+
+    cfg = RunConfig(model=SMALL, run_id="unit", output_uri=str(tmp_path))
+    key = resume.fingerprint(cfg)
+    table = rows_to_table([detection_row(image_uri=f"/x/{i}.jpg", index=i, shard=0, width=4,
+                                         height=4, model=SMALL, run_id="unit") for i in range(3)])
+    staging = str(tmp_path / "staged")
+    entry = resume.write_staged(staging, 0, table, "listing-sha", key)
+    found = resume.load_staged(staging, 0, 3, "listing-sha", key)
+    assert found is not None and found[0] == entry and found[1].equals(table)
+    other = resume.fingerprint(cfg.model_copy(update={"score_threshold": 0.9}))
+    assert resume.load_staged(staging, 0, 3, "listing-sha", other) is None  # other settings
+    assert resume.load_staged(staging, 0, 3, "other-listing", key) is None  # other images
+    assert resume.load_staged(staging, 0, 4, "listing-sha", key) is None  # other row count
+    assert resume.load_staged(staging, 1, 3, "listing-sha", key) is None  # never staged
+    Path(entry["uri"]).write_bytes(Path(entry["uri"]).read_bytes() + b"x")
+    assert resume.load_staged(staging, 0, 3, "listing-sha", key) is None  # damaged
+
+
+def test_listing_of_a_run_is_reused_only_when_intact(tmp_path, sample_dir):
+    from detectflow.listing import write_listing
+
+    listing = str(tmp_path / "listing")
+    first = write_listing(str(sample_dir), listing, (".jpg",), 2)
+    assert first == {"images": 5, "shards": 3, "reused": False}
+    assert write_listing(str(sample_dir), listing, (".jpg",), 2)["reused"]
+    assert not write_listing(str(sample_dir), listing, (".jpg",), 3)["reused"]  # other settings
+    shard = tmp_path / "listing" / "shard-00000.parquet"
+    shard.write_bytes(shard.read_bytes() + b"x")
+    assert not write_listing(str(sample_dir), listing, (".jpg",), 3)["reused"]  # damaged
