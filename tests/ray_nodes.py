@@ -75,6 +75,10 @@ class LocalCluster:
         # Ray 2.60 secures a new cluster with ~/.ray/auth_token; a joining node only presents
         # it in token mode (shared home here; on real nodes the token file or RAY_AUTH_TOKEN).
         env = {**env, "RAY_AUTH_MODE": "token"}
+        if not env.get("RAY_AUTH_TOKEN") and not (Path.home() / ".ray" / "auth_token").exists():
+            # A fresh machine (CI): make the token a local ray.init would have made.
+            subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,
+                           capture_output=True, timeout=60)
         self._start_node(True, env)
         self._wait_for(1, timeout)
         for _ in range(self.nodes - 1):
