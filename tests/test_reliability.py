@@ -163,11 +163,24 @@ def test_two_run_ids_in_one_prefix_never_touch_each_others_files(killed_actor_ru
 # --- a transient S3 outage ---------------------------------------------------------------------
 
 
+def _attempts_of_one_write(endpoint: str) -> int:
+    """Measured, not assumed: requests one storage write sends before it gives up."""
+    with FlakyS3(endpoint, "PUT", "/probe/", failures=1000) as proxy:
+        storage.configure(proxy.url)
+        try:
+            with pytest.raises(OSError):
+                storage.atomic_write_bytes("s3://detectflow-out/probe/x", b"x")
+        finally:
+            storage.configure(None)
+    return len(proxy.refused)
+
+
 def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local, prefect_api,
                                                                   small_weights):
-    # One refused write per attempt the S3 client makes on its own: the first attempt of
-    # list_images fails after the client's retries, and only Prefect's task retry recovers.
-    attempts = storage._S3_CONFIG["retries"]["max_attempts"]
+    # Refuse exactly as many requests as one write makes on its own (the S3 client retries
+    # internally): the first attempt of list_images fails, and only Prefect's task retry recovers.
+    attempts = _attempts_of_one_write(s3)
+    assert attempts > 1
     with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
         state = detect_objects(**_params("s3://detectflow-in/photos", "s3://detectflow-out/flaky",
                                          small_weights, "transient-io"),
