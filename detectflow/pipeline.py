@@ -146,7 +146,8 @@ class DetectStats:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["per_class"] = dict(sorted(self.per_class.items(), key=lambda kv: (-kv[1], kv[0])))
-        out["images_per_second"] = round(self.images / self.seconds, 3) if self.seconds else None
+        rate = self.images_inferred / self.seconds if self.seconds else None  # reused shards: free
+        out["images_per_second"] = round(rate, 3) if rate is not None else None
         return out
 
 

@@ -108,7 +108,9 @@ def build_manifest(
             "images_inferred": stats.get("images_inferred", stats["images"]),
         },
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
-        "images_per_second": round(stats["images"] / detect_seconds, 3) if detect_seconds else None,
+        # Inference throughput of this attempt: shards reused from an earlier one cost no time.
+        "images_per_second": round(stats.get("images_inferred", stats["images"]) / detect_seconds,
+                                   3) if detect_seconds else None,
         "versions": versions(),
     }
 
