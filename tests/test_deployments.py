@@ -26,6 +26,19 @@ SCREENSHOTS = ROOT / "test-artifacts"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+class RetryingClient(httpx.Client):
+    """Retries 429/502/503 like Prefect's own client does: the server answers 503 while its SQLite
+    database is busy (seen in CI while a served process registered its deployments)."""
+
+    def request(self, *args, **kwargs) -> httpx.Response:
+        for attempt in range(8):
+            response = super().request(*args, **kwargs)
+            if response.status_code not in (429, 502, 503):
+                return response
+            time.sleep(min(0.5 * 2**attempt, 8))
+        return response
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Stop a process and everything it started (it leads its own process group)."""
     if proc.poll() is None:
@@ -51,7 +64,8 @@ def server(tmp_path_factory):
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_API_URL=api,  # the UI's own calls go to this port, not the default 4200
+        PREFECT_UI_API_URL=api,
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",  # upcoming runs appear within seconds  # the UI's own calls go to this port, not the default 4200
         PREFECT_API_URL=api,  # for the CLI, workers and flow runs started below
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DATA_DISABLE_PROGRESS_BARS="1",
@@ -59,7 +73,7 @@ def server(tmp_path_factory):
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(base_url=api, timeout=30, trust_env=False)
+    client = RetryingClient(base_url=api, timeout=30, trust_env=False)
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -149,10 +163,15 @@ def test_prefect_yaml_registers_the_nightly_schedule_and_a_work_pool(server, dep
             for s in nightly["schedules"]] == [("0 2 * * *", "UTC", True)]
     assert on_demand["schedules"] == []
     assert nightly["work_pool_name"] == on_demand["work_pool_name"] == "detectflow"
-    scheduled = _filter(server, "flow_runs", {
-        "deployments": {"id": {"any_": [nightly["id"]]}},
-        "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-    })
+    deadline = time.monotonic() + 120
+    while True:  # the server's scheduler service creates the upcoming runs on its next loop
+        scheduled = _filter(server, "flow_runs", {
+            "deployments": {"id": {"any_": [nightly["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+        })
+        if scheduled or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert scheduled, "the scheduler created no upcoming runs"
     assert all(r["expected_start_time"].endswith("02:00:00Z") or "T02:00:00" in
                r["expected_start_time"] for r in scheduled)
