@@ -266,6 +266,7 @@ def run_detection(
     images: int,
     plan: ResourcePlan,
     on_progress: Callable[[int, int, float], None] | None = None,
+    weights_sha256: str = "",
 ) -> DetectStats:
     """Execute the pipeline, stream results into staged shards, and count what came out.
 
@@ -273,7 +274,7 @@ def run_detection(
     are reused; only the other shards' images are read and inferred.
     """
     shards = listing.read_index(listing_uri)["files"]
-    key = resume.fingerprint(cfg)
+    key = resume.fingerprint(cfg, weights_sha256)
     writer = ShardWriter(staging_uri, {f["shard"]: f["rows"] for f in shards},
                          {f["shard"]: f["sha256"] for f in shards}, key)
     stats = DetectStats()

@@ -20,10 +20,12 @@ from detectflow import storage
 from detectflow.config import RunConfig
 
 
-def fingerprint(cfg: RunConfig) -> str:
-    """What a staged row depends on besides its image."""
-    key = {"model": cfg.model, "weights": cfg.weights, "score_threshold": cfg.score_threshold,
-           "max_image_side": cfg.max_image_side, "run_id": cfg.run_id}
+def fingerprint(cfg: RunConfig, weights_sha256: str = "") -> str:
+    """What a staged row depends on besides its image. The weights count by content (their
+    sha256), so weights overwritten at the same path between attempts invalidate staged shards."""
+    key = {"model": cfg.model, "weights": cfg.weights, "weights_sha256": weights_sha256,
+           "score_threshold": cfg.score_threshold, "max_image_side": cfg.max_image_side,
+           "run_id": cfg.run_id}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -76,7 +76,7 @@ def _run(cfg: RunConfig) -> dict:
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
         # surfaces as that stage's own error, and one warm Ray worker runs every task.
         listing = completed(list_images.submit(cfg))
-        detected = completed(detect.submit(cfg, listing))
+        detected = completed(detect.submit(cfg, listing, weights_id))
         sample = completed(validate_sample.submit(cfg, detected))
         written = completed(write_parquet.submit(cfg, detected, weights_id))
         manifest = publish_manifest.submit(

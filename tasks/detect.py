@@ -15,7 +15,7 @@ PROGRESS_EVERY_S = 5.0
 
 
 @task(name="detect")
-def detect(cfg: RunConfig, listing: dict) -> dict:
+def detect(cfg: RunConfig, listing: dict, weights: dict) -> dict:
     logger = get_run_logger()
     plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
     logger.info("resource plan: %s", plan.describe())
@@ -39,7 +39,8 @@ def detect(cfg: RunConfig, listing: dict) -> dict:
 
     paths = run_paths(cfg.run_uri)
     stats = run_detection(
-        cfg, listing["listing_uri"], paths["staged"], listing["images"], plan, on_progress
+        cfg, listing["listing_uri"], paths["staged"], listing["images"], plan, on_progress,
+        weights_sha256=weights["sha256"],
     )
     if stats.shards_reused:
         logger.info("resumed: reused %d staged shard(s) (%d images); inferred %d images",
