@@ -76,9 +76,8 @@ def run_whole_flow(images_dir: Path, work_dir: Path, model: str, weights: str | 
 
 # Log lines that mark the start-up steps of `detectflow run`, in order.
 MARKS = {
-    "prefect server starting": "Starting temporary server",
+    "ray started": "Ray started|Started a local Ray instance",
     "flow run begins": "Beginning flow run",
-    "ray started": "Started a local Ray instance",
     "first task logs": "Task run 'list_images",
     "detect starts": "resource plan:",
     "detect done": "Task run 'detect-.*Finished",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1 << 20
-COLUMNS = ("pipeline", "images", "wall s", "img/s", "img/s steady", "x ref", "x limit",
+COLUMNS = ("pipeline", "images", "wall s", "img/s", "img/s steady", "x ref", "x ref wall", "x limit",
            "peak RSS MiB", "peak PSS MiB", "store MiB", "spilled MiB", "outside detect s")
 
 
@@ -31,13 +31,16 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / MIB:,.0f}"
 
 
-def cells(row: Row, ref: float | None, limit: float | None) -> list[str]:
-    """One row's cells; ratios use the steady rate (the wall rate when there is none)."""
+def cells(row: Row, ref: float | None, limit: float | None,
+          ref_wall: float | None = None) -> list[str]:
+    """One row's cells; ``x ref`` and ``x limit`` use the steady rate (the wall rate when there
+    is none), ``x ref wall`` the wall rates (start-up included, what a user waits for)."""
     speed = row.steady or row.rate
     return [
         row.pipeline, str(row.images), _num(row.wall, ".1f"), _num(row.rate, ".2f"),
         _num(row.steady, ".2f"),
         _num(speed / ref if speed and ref else None, ".2f"),
+        _num(row.rate / ref_wall if row.rate and ref_wall else None, ".2f"),
         _num(speed / limit if speed and limit else None, ".0%"),
         _mib(row.rss), _mib(row.pss), _mib(row.store), _mib(row.spilled),
         _num(row.overhead, ".1f"),
@@ -45,8 +48,8 @@ def cells(row: Row, ref: float | None, limit: float | None) -> list[str]:
 
 
 def format_table(rows: list[Row], ref: float | None, limit: float | None,
-                 markdown: bool = False) -> str:
-    body = [list(COLUMNS)] + [cells(r, ref, limit) for r in rows]
+                 markdown: bool = False, ref_wall: float | None = None) -> str:
+    body = [list(COLUMNS)] + [cells(r, ref, limit, ref_wall) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(body[0]) + " |", "|" + "---|" * len(COLUMNS)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body[1:]])

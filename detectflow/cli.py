@@ -7,8 +7,11 @@ before Ray or Prefect start; the exit code is 0 only when the flow run is Comple
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,26 +80,92 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from detectflow import storage
+    """Parse and check, then start the slow things side by side (benchmarks/RESULTS.md):
+    Prefect's API server in a subprocess from the first moment, Ray in the main thread (its
+    processes die with the thread that started them) while a thread imports Prefect and the
+    flow; the flow starts when all three are ready."""
     from detectflow.config import parse_config
-    from detectflow.preflight import preflight
 
     params = {k: v for k, v in vars(args).items() if k != "command"}
     cfg = parse_config(**params).with_run_id()
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        from detectflow.api_server import TemporaryApiServer
+
+        server = TemporaryApiServer()
+        # A plain atexit hook runs after Prefect's own exit hooks have sent the last logs and
+        # events to this server; stopping it any earlier makes them retry for a minute.
+        atexit.register(server.stop)
+    from detectflow import raycluster, storage
+    from detectflow.preflight import preflight
+
     storage.configure(cfg.s3_endpoint_url)
     preflight(cfg)  # seconds, not minutes, to learn that weights, input or output are unusable
+    flow = _Background(_import_flow, server)  # torch and Ray are imported by now, Prefect isn't
+    env = {"PREFECT_API_URL": server.url if server else os.environ["PREFECT_API_URL"]}
+    if cfg.s3_endpoint_url:
+        env["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint_url
+    connected = raycluster.connect(cfg.ray_address, env)
+    try:
+        detect_objects, settings = flow.result()
+        if settings is not None:
+            server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        flow_params = {k: v for k, v in cfg.model_dump().items()
+                       if k in detect_objects.parameters.properties}
+        with settings if settings is not None else contextlib.nullcontext():
+            state = detect_objects(**flow_params, return_state=True)
+        return report(cfg, state)
+    finally:
+        if connected is not None:
+            import ray
 
-    from flows.detect_objects import detect_objects
+            ray.shutdown()
 
-    flow_params = {k: v for k, v in cfg.model_dump().items() if k in detect_objects.parameters.properties}
-    state = detect_objects(**flow_params, return_state=True)
+
+def report(cfg, state) -> int:
+    """Print the outcome; the exit code (0 only for a Completed run)."""
     if not state.is_completed():
         print(f"detectflow: run {cfg.run_id} failed: {state.message}", file=sys.stderr)
         return 1
     result = state.result()
     print(format_summary(result))
-    print(result["run_uri"])
+    print(result["run_uri"], flush=True)
     return 0
+
+
+class _Background(threading.Thread):
+    """A function run in a thread whose result (or exception) ``result()`` hands back."""
+
+    def __init__(self, fn, *args) -> None:
+        super().__init__(daemon=True)
+        self._fn, self._args, self._out, self._exc = fn, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._out = self._fn(*self._args)
+        except BaseException as exc:  # re-raised in the caller's thread
+            self._exc = exc
+
+    def result(self):
+        self.join()
+        if self._exc is not None:
+            raise self._exc
+        return self._out
+
+
+def _import_flow(server):
+    """Thread: import Prefect and the flow. Returns the flow and the settings that point it at
+    ``server`` (None when the user's Prefect profile already names an API, which is used)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.detect_objects import detect_objects
+
+    if server is None or PREFECT_API_URL.value():
+        if server is not None:
+            server.stop()
+        return detect_objects, None
+    return detect_objects, temporary_settings({PREFECT_API_URL: server.url})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

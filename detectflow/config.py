@@ -76,7 +76,11 @@ MaxActors = Annotated[
     Field(ge=1, description="Let the actor pool grow up to N (num_actors, or 1, is the minimum)."),
 ]
 GpusPerActor = Annotated[float, Field(ge=0.0, le=8.0, description="GPUs each actor reserves.")]
-CpusPerActor = Annotated[float, Field(gt=0.0, le=256.0, description="CPUs each CPU actor uses.")]
+CpusPerActor = Annotated[
+    float | None,
+    Field(gt=0.0, le=256.0,
+          description="CPUs each CPU actor reserves; empty = one actor per core on one machine."),
+]
 SampleSize = Annotated[int, Field(ge=0, le=64, description="Images drawn for validation.")]
 FailureFraction = Annotated[
     float,
@@ -116,9 +120,10 @@ class RunConfig(BaseModel):
     num_actors: NumActors = None
     max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0
-    cpus_per_actor: CpusPerActor = 1.0
+    cpus_per_actor: CpusPerActor = None
     decode_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0
     max_image_side: Annotated[int, Field(ge=64, le=65536)] = 4096
+    object_store_mib: Annotated[int | None, Field(ge=0)] = None  # None: sized from the pool
     shard_size: ShardSize = 1000
     sample_size: SampleSize = 4
     max_failure_fraction: FailureFraction = 0.1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,11 @@ from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
-from detectflow.errors import ConfigError, is_retryable
+from detectflow import raycluster
+from detectflow.errors import is_retryable
+from detectflow.raycluster import alive_nodes, code_runtime_env, existing_cluster_address
+
+__all__ = ["alive_nodes", "code_runtime_env", "existing_cluster_address"]
 
 log = logging.getLogger(__name__)
 
@@ -79,58 +82,15 @@ class LazyRayTaskRunner(RayTaskRunner):
         TaskRunner.__exit__(self, *exc_info)
 
 
-def existing_cluster_address(address: str | None) -> str | None:
-    """The cluster to join: the flow's ``ray_address``, else Ray's own ``RAY_ADDRESS``."""
-    return address or os.environ.get("RAY_ADDRESS") or None
-
-
-def code_runtime_env() -> dict[str, Any]:
-    """Ship our own packages to a cluster's workers (``py_modules``).
-
-    Nodes of an existing cluster have the dependencies (the same image or environment) but not
-    necessarily this checkout; Ray uploads the three packages once, per content hash, and puts
-    them on every worker's ``sys.path``. ``DETECTFLOW_SHIP_CODE=0`` turns it off for clusters
-    whose image already contains detectflow.
-    """
-    if os.environ.get("DETECTFLOW_SHIP_CODE", "1").lower() in ("0", "false", "no"):
-        return {}
-    import detectflow
-    import flows
-    import tasks
-
-    return {"py_modules": [detectflow, tasks, flows], "excludes": ["__pycache__", "*.pyc"]}
-
-
-def alive_nodes() -> int:
-    """Nodes of the connected cluster that are up now (``ray.nodes()`` keeps dead ones too)."""
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
 @contextlib.contextmanager
 def ray_cluster(address: str | None, env: dict[str, str]) -> Iterator[dict[str, float]]:
     """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray).
 
-    Yields the cluster's resources. An existing connection (e.g. a test's) is reused and left
-    open; ``ray.shutdown()`` at the end stops a local Ray we started, and only disconnects from
-    an existing cluster, which keeps running.
+    Yields the cluster's resources. An existing connection (``detectflow run`` connects before
+    the flow starts; a test may too) is reused and left open; ``ray.shutdown()`` at the end stops
+    a local Ray we started, and only disconnects from an existing cluster, which keeps running.
     """
-    connected_here = not ray.is_initialized()
-    if connected_here:
-        runtime_env: dict[str, Any] = {"env_vars": env}
-        if existing := existing_cluster_address(address):
-            runtime_env |= code_runtime_env()
-            log.info("connecting to Ray at %s", existing)
-            try:
-                ray.init(address=existing, runtime_env=runtime_env, namespace="detectflow")
-            except ConnectionError as exc:
-                raise ConfigError(
-                    f"cannot connect to the Ray cluster at {existing} ({str(exc).splitlines()[0]})"
-                    "; check the address, and for a cluster with token authentication set "
-                    "RAY_AUTH_MODE=token with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
-                ) from None
-        else:
-            # "local": a new Ray of our own, never a `ray start` cluster found on this machine.
-            ray.init(address="local", runtime_env=runtime_env, namespace="detectflow")
+    connected_here = raycluster.connect(address, env) is not None
     try:
         yield ray.cluster_resources()
     finally:
@@ -141,6 +101,14 @@ def ray_cluster(address: str | None, env: dict[str, str]) -> Iterator[dict[str, 
 @contextlib.contextmanager
 def task_options(env: dict[str, str], num_cpus: float = 0) -> Iterator[None]:
     """Ray options for our Prefect tasks: they orchestrate (Ray Data does the heavy work), so
-    they hold no CPU that decoding or inference could use, and they report to the flow's API."""
-    with remote_options(num_cpus=num_cpus, runtime_env={"env_vars": env}):
+    they hold no CPU that decoding or inference could use, and they report to the flow's API.
+
+    ``env`` goes in a per-task ``runtime_env`` only when the job's own lacks it: Ray keeps a
+    separate worker pool per runtime_env, so a redundant one (measured) would skip the workers
+    that ``raycluster.warm_workers`` already warmed and start cold ones.
+    """
+    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+    extra = {} if all(job_env.get(k) == v for k, v in env.items()) else {
+        "runtime_env": {"env_vars": env}}
+    with remote_options(num_cpus=num_cpus, **extra):
         yield

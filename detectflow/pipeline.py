@@ -25,6 +25,11 @@ from detectflow.predictor import Detector, decode_batch
 
 MAX_LISTED_FAILURES = 1000
 DECODE_BATCH = 16
+# CPU-only, one machine: at most this many model copies (each one's threads share the rest).
+MAX_AUTO_CPU_ACTORS = 8
+# Object-store budget of the detect dataset (see object_store_budget).
+MIN_STORE_MIB = 256
+STORE_MIB_PER_ACTOR = 128
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class ResourcePlan:
     nodes: int = 1
     max_actors: int | None = None
     decode_tasks: int = 1
+    object_store_bytes: int | None = None  # Ray Data's budget for this dataset; None: Ray's own
 
     def describe(self) -> str:
         pool = (f"{self.num_actors}-{self.max_actors}" if self.max_actors != self.num_actors
@@ -56,6 +62,8 @@ class ResourcePlan:
             f"{pool} {self.device} actor(s) x (gpus={self.gpus_per_actor:g}, "
             f"cpus={self.cpus_per_actor:g}), batch {self.batch_size}; "
             f"decode up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU"
+            + (f"; object store <= {self.object_store_bytes >> 20} MiB"
+               if self.object_store_bytes else "")
         )
 
     def actor_pool(self):
@@ -82,8 +90,10 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
     """Pure: size the actor pool and decoding to the cluster found at run time.
 
     GPU actors (one per ``gpus_per_actor`` of the cluster's GPUs, unless a pool size is given)
-    when the cluster has GPUs, else CPU actors (1 by default). Decoding gets the CPUs the actors
-    leave; it must get at least ``decode_cpus``, or the pipeline could never make progress.
+    when the cluster has GPUs, else CPU actors: on one machine one per core (up to
+    ``MAX_AUTO_CPU_ACTORS``), on a multi-node CPU cluster 1 by default. Decoding gets the CPUs
+    the actors leave; it must get at least ``decode_cpus``, or the pipeline could never make
+    progress.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if cfg.device == "cuda" and gpus == 0:
@@ -91,9 +101,16 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
     if cfg.device != "cpu" and gpus > 0 and cfg.gpus_per_actor > 0:
         low, high = _pool_bounds(cfg, max(1, int(gpus // cfg.gpus_per_actor)))
         device, gpus_per_actor, cpus_per_actor = "cuda", cfg.gpus_per_actor, 1.0
+    elif cfg.cpus_per_actor is None and cfg.num_actors is None and cfg.max_actors is None \
+            and nodes == 1 and cpus > cfg.decode_cpus:
+        # One machine, no GPU: small single-threaded models side by side beat one model with
+        # every thread (torch's intra-op threads scale poorly; benchmarks/RESULTS.md). Together
+        # the actors reserve what decoding leaves, so they never oversubscribe the cores.
+        low = high = max(1, min(int(cpus), MAX_AUTO_CPU_ACTORS))
+        device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, (cpus - cfg.decode_cpus) / low
     else:
         low, high = _pool_bounds(cfg, 1)
-        device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, cfg.cpus_per_actor
+        device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, cfg.cpus_per_actor or 1.0
     left = cpus - low * cpus_per_actor
     if left < cfg.decode_cpus:
         raise ConfigError(
@@ -103,7 +120,27 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
     return ResourcePlan(
         device, low, gpus_per_actor, cpus_per_actor, cfg.decode_cpus, cfg.batch_size, cpus, gpus,
         nodes=nodes, max_actors=high, decode_tasks=int(left // cfg.decode_cpus),
+        object_store_bytes=object_store_budget(cfg, high, cluster.get("object_store_memory")),
     )
+
+
+def object_store_budget(cfg: RunConfig, actors: int, store: float | None) -> int | None:
+    """Bytes of Ray's object store the detect dataset may fill.
+
+    Ray Data's default budget is a share of the whole store (GBs on a big node), and decoding is
+    far faster than inference, so decoded pixels pile up until that share is full: measured 85
+    MiB at 96 images but 788 MiB at 960 (benchmarks/RESULTS.md). A budget that keeps a few
+    batches ready per actor bounds memory whatever the number of images. Ray Data still runs
+    one task at a time when a single block is larger than the budget (a huge image), it never
+    stalls. ``object_store_mib`` overrides; 0 leaves Ray's default.
+    """
+    if cfg.object_store_mib == 0:
+        return None
+    mib = cfg.object_store_mib or max(MIN_STORE_MIB, STORE_MIB_PER_ACTOR * actors)
+    budget = mib << 20
+    if store:  # never more than half the store: the rest is for everything else on the node
+        budget = min(budget, int(store) // 2)
+    return budget
 
 
 def shard_sizes(images: int, shard_size: int) -> dict[int, int]:
@@ -222,6 +259,10 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
+    if plan.object_store_bytes:  # this process's Data context: the detect task's own worker
+        options = ray.data.DataContext.get_current().execution_options
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=plan.object_store_bytes)
     filesystem, _ = storage.arrow_fs(listing_uris[0])
     path = [storage.arrow_fs(uri)[1] for uri in listing_uris]
     # Small blocks: decode spreads over every CPU even within one listing shard, and results

@@ -42,7 +42,7 @@ def test_plan_adapts_to_the_cluster_it_finds():
             two_small_nodes.nodes) == ("cpu", 1, 1, 2)
     assert two_small_nodes.describe() == (
         "2 node(s), 2 CPU / 0 GPU; 1 cpu actor(s) x (gpus=0, cpus=1), batch 4; "
-        "decode up to 1 task(s) x 1 CPU")
+        "decode up to 1 task(s) x 1 CPU; object store <= 256 MiB")
     gpus = plan_resources(RunConfig(batch_size=16), {"CPU": 64, "GPU": 8}, nodes=4)
     assert (gpus.device, gpus.num_actors, gpus.max_actors, gpus.batch_size) == ("cuda", 8, 8, 16)
     assert gpus.decode_tasks == 56  # the CPUs the 8 actors (1 CPU each) leave
@@ -96,7 +96,8 @@ def test_code_ships_to_existing_clusters_unless_turned_off(monkeypatch):
     assert existing_cluster_address("10.0.0.1:6379") == "10.0.0.1:6379"
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert existing_cluster_address(None) == "ray://head:10001"
-    assert code_runtime_env()["py_modules"] == [detectflow, tasks, flows]
+    assert code_runtime_env()["py_modules"] == [
+        os.path.dirname(m.__file__) for m in (detectflow, tasks, flows)]
     monkeypatch.setenv("DETECTFLOW_SHIP_CODE", "0")
     assert code_runtime_env() == {}
 

@@ -9,7 +9,7 @@ from detectflow import storage
 from detectflow.config import RunConfig, parse_config
 from detectflow.errors import ConfigError, InputError
 from detectflow.listing import iter_images, write_listing
-from detectflow.pipeline import plan_resources, shard_sizes
+from detectflow.pipeline import actor_threads, plan_resources, shard_sizes
 
 
 def test_defaults_run_the_bundled_images(sample_dir):
@@ -96,7 +96,13 @@ def test_resource_plan_uses_gpus_when_present_else_cpu_actors():
     gpu = plan_resources(RunConfig(gpus_per_actor=0.5), {"CPU": 16, "GPU": 2})
     assert (gpu.device, gpu.num_actors, gpu.gpus_per_actor) == ("cuda", 4, 0.5)
     cpu = plan_resources(RunConfig(), {"CPU": 2})
-    assert (cpu.device, cpu.num_actors, cpu.gpus_per_actor) == ("cpu", 1, 0.0)
+    assert (cpu.device, cpu.num_actors, cpu.gpus_per_actor) == ("cpu", 2, 0.0)
+    # one single-threaded actor per core; together they leave decoding its CPU
+    assert (cpu.cpus_per_actor, cpu.decode_tasks, actor_threads(cpu)) == (0.5, 1, 1)
+    big = plan_resources(RunConfig(), {"CPU": 64})
+    assert (big.num_actors, big.cpus_per_actor, actor_threads(big)) == (8, 63 / 8, 8)
+    chosen = plan_resources(RunConfig(cpus_per_actor=1), {"CPU": 2})
+    assert (chosen.num_actors, chosen.cpus_per_actor, actor_threads(chosen)) == (1, 1.0, 2)
     forced = plan_resources(RunConfig(device="cpu", num_actors=2), {"CPU": 8, "GPU": 1})
     assert (forced.device, forced.num_actors) == ("cpu", 2)
     with pytest.raises(ConfigError, match="no GPU"):

@@ -1,0 +1,84 @@
+"""Prefect's temporary API server, started as the very first thing a local run does.
+
+Without ``PREFECT_API_URL`` Prefect starts this server itself, but only once the flow is called,
+after every import (~4 s here) and, in our flow, before Ray starts: the three waits added up
+(benchmarks/RESULTS.md). This module starts the same server (the command and environment of
+Prefect's ephemeral mode, ``prefect.server.api.server.SubprocessASGIServer``) in a subprocess
+before anything heavy is imported, so its start-up overlaps ours. The flow is then pointed at
+it with ``PREFECT_API_URL``, the setting Prefect documents for a server of one's own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+from detectflow.errors import DetectflowError
+
+# Prefect's ephemeral server: no UI, the services of an ephemeral server only.
+_EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                  "PREFECT__SERVER_FINAL": "1"}
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TemporaryApiServer:
+    """A Prefect API server on a free loopback port, for the lifetime of one ``detectflow run``."""
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self._log = tempfile.TemporaryFile()
+        app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, **_EPHEMERAL_ENV}, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def wait(self, timeout: float) -> str:
+        """Block until the server answers its health check; its URL."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DetectflowError(f"Prefect's temporary API server exited with code "
+                                      f"{self.process.returncode}: {self._tail()}")
+            try:
+                with _NO_PROXY.open(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise DetectflowError(f"Prefect's temporary API server did not answer within "
+                              f"{timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_"
+                              f"SECONDS): {self._tail()}")
+
+    def _tail(self) -> str:
+        self._log.seek(0)
+        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        return lines[-1][:300] if lines else "no output"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()

@@ -1,0 +1,106 @@
+"""Connecting to Ray, and warming its workers while the rest of the run starts.
+
+Imports only Ray, so ``detectflow run`` can start Ray in its main thread while Prefect and torch
+are still being imported in another (Ray's own processes die with the thread that started them,
+so ``ray.init`` must stay in the thread that lives longest).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Any
+
+import ray
+
+from detectflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# What a worker imports before it can run one of our tasks, a decode task or the Detector: the
+# flow module pulls in Prefect, every task, the pipeline, torch and torchvision (~4 s of CPU
+# per fresh worker on this 2-core machine, measured in benchmarks/RESULTS.md).
+WARM_MODULES = ("flows.detect_objects",)
+
+
+def existing_cluster_address(address: str | None) -> str | None:
+    """The cluster to join: the flow's ``ray_address``, else Ray's own ``RAY_ADDRESS``."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def code_runtime_env() -> dict[str, Any]:
+    """Ship our own packages to a cluster's workers (``py_modules``).
+
+    Nodes of an existing cluster have the dependencies (the same image or environment) but not
+    necessarily this checkout; Ray uploads the three packages once, per content hash, and puts
+    them on every worker's ``sys.path``. ``DETECTFLOW_SHIP_CODE=0`` turns it off for clusters
+    whose image already contains detectflow.
+    """
+    if os.environ.get("DETECTFLOW_SHIP_CODE", "1").lower() in ("0", "false", "no"):
+        return {}
+    # Folders, not imported modules: ``detectflow run`` imports our code in another thread
+    # meanwhile, and two threads importing one package can see it half-initialised.
+    folders = [os.path.dirname(importlib.util.find_spec(name).origin)
+               for name in ("detectflow", "tasks", "flows")]
+    return {"py_modules": folders, "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected cluster that are up now (``ray.nodes()`` keeps dead ones too)."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def connect(address: str | None, env: dict[str, str], warm: int = 1):
+    """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray) unless this
+    process is connected already. Ray's context when it connected here (and so must disconnect),
+    else None.
+
+    ``env`` becomes the job's ``runtime_env`` (every worker, and the Ray Data tasks and actors
+    started from them, inherit it). ``warm`` workers start importing our code at once.
+    """
+    if ray.is_initialized():
+        return None
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if existing := existing_cluster_address(address):
+        runtime_env |= code_runtime_env()
+        log.info("connecting to Ray at %s", existing)
+        try:
+            context = ray.init(address=existing, runtime_env=runtime_env,
+                               namespace="detectflow")
+        except ConnectionError as exc:
+            raise ConfigError(
+                f"cannot connect to the Ray cluster at {existing} ({str(exc).splitlines()[0]})"
+                "; check the address, and for a cluster with token authentication set "
+                "RAY_AUTH_MODE=token with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+            ) from None
+    else:
+        # "local": a new Ray of our own, never a `ray start` cluster found on this machine.
+        # Without its dashboard (~4 s of CPU at start-up on 2 cores, measured) unless asked for.
+        context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
+                           include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"))
+    warm_workers(warm)
+    return context
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _import_our_code(modules: tuple[str, ...]) -> int:
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+    return os.getpid()
+
+
+def warm_workers(count: int) -> list[ray.ObjectRef]:
+    """Fire-and-forget: ``count`` workers import our code now, while the driver is still busy.
+
+    Ray keeps a finished worker idle in its pool and hands it the next task (or actor) of the same
+    job and runtime_env, so the first Prefect task and the first decode task skip those imports.
+    Holds no CPU; a failure here only means a cold worker later.
+    """
+    return [_import_our_code.remote(WARM_MODULES) for _ in range(max(0, count))]
