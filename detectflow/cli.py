@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--s3-endpoint-url", default=None,
                      help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
     run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D["device"])
+    run.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=D["precision"],
+                     help="bf16/fp16: autocast inference (for GPUs; default fp32)")
     run.add_argument("--num-actors", type=int, default=None,
                      help="inference actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--max-actors", type=int, default=None,

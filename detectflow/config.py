@@ -92,6 +92,11 @@ ShardSize = Annotated[
           description="Images per shard: the unit of output files and of resuming a run."),
 ]
 Device = Literal["auto", "cuda", "cpu"]
+Precision = Annotated[
+    Literal["fp32", "bf16", "fp16"],
+    Field(description="Inference precision: fp32, or bf16/fp16 autocast (GPUs; boxes match fp32 "
+                      "within the tolerance README states)."),
+]
 
 
 def new_run_id() -> str:
@@ -117,6 +122,7 @@ class RunConfig(BaseModel):
     ray_address: RayAddress = None
     s3_endpoint_url: S3EndpointUrl = None
     device: Device = "auto"
+    precision: Precision = "fp32"
     num_actors: NumActors = None
     max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0

@@ -290,6 +290,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
             "run_id": cfg.run_id,
             "num_gpus": plan.gpus_per_actor,
             "device": cfg.device,
+            "precision": cfg.precision,
             "cpu_threads": actor_threads(plan),
         },
         batch_size=plan.batch_size,

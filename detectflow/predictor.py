@@ -7,6 +7,7 @@ device (the weights' own ``transforms()``), and returns rows without pixels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import defaultdict
 from typing import Any
@@ -89,6 +90,15 @@ def pick_device(num_gpus: float, device: str) -> str:
     return "cpu"
 
 
+def autocast(device: str, precision: str):
+    """``torch.autocast`` for bf16/fp16 (matmuls and convolutions in half precision, the rest,
+    e.g. box decoding and NMS, in float32), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
 class Detector:
     """Ray Data actor: one model per actor, a batch of decoded images in, detection rows out."""
 
@@ -101,6 +111,7 @@ class Detector:
         num_gpus: float = 0.0,
         device: str = "auto",
         cpu_threads: int = 1,
+        precision: str = "fp32",
     ) -> None:
         self.model_name = model
         self.run_id = run_id
@@ -112,12 +123,16 @@ class Detector:
         self.model = models.load_model(model, resolved, score_threshold, self.device)
         self.transforms = models.default_weights(model).transforms()
         self.categories = models.categories(model)
+        self.precision = precision
         self.pid = os.getpid()
 
     def _forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.device, self.precision):
             inputs = [self.transforms(img.to(self.device, non_blocking=True)) for img in images]
-            return [{k: v.cpu() for k, v in out.items()} for out in self.model(inputs)]
+            outs = self.model(inputs)
+        # Boxes and scores back in float32 whatever the precision, so rows never change type.
+        return [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
+                for out in outs]
 
     def predict(self, images: list[torch.Tensor]) -> list[dict[str, Any]]:
         """Per image: {boxes, scores, labels} or {error}; a failing batch is retried per image."""

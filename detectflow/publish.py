@@ -84,7 +84,8 @@ def build_manifest(
         "run_uri": run_uri,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "parameters": parameters,
-        "model": {"name": parameters["model"], "weights": weights},
+        "model": {"name": parameters["model"], "weights": weights,
+                  "precision": parameters.get("precision", "fp32")},
         "resources": plan,
         "input": {"uri": parameters["input_uri"], "count": input_count},
         "output": {

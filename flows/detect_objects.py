@@ -48,6 +48,7 @@ def detect_objects(
     ray_address: t.RayAddress = D["ray_address"],
     s3_endpoint_url: t.S3EndpointUrl = D["s3_endpoint_url"],
     device: t.Device = D["device"],
+    precision: t.Precision = D["precision"],
     num_actors: t.NumActors = D["num_actors"],
     max_actors: t.MaxActors = D["max_actors"],
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],
