@@ -1,5 +1,9 @@
 """Memory and object-store measurements taken while a pipeline runs.
 
+Sampled every 2 s: reading ``smaps_rollup`` of processes that map a large object store costs
+the kernel a page-table walk, and at the first 0.25 s period the sampler itself took ~40% of a
+core (py-spy: 78% of the benchmark driver's samples), slowing whatever it measured.
+
 Peak memory is sampled in a thread over a process tree (the driver, or a child process, with
 every descendant: Ray's raylet, its workers and actors, Prefect's server). Two sums are kept:
 RSS (what ``ps`` shows; counts shared pages, e.g. the object store, once per process that maps
@@ -80,7 +84,7 @@ class Peaks:
 class MemorySampler:
     """Context manager: samples tree memory (and the object store, when ``ray``) every period."""
 
-    def __init__(self, pid: int | None = None, period: float = 0.25, ray: bool = False) -> None:
+    def __init__(self, pid: int | None = None, period: float = 2.0, ray: bool = False) -> None:
         self.root = pid or os.getpid()
         self.period = period
         self.ray = ray

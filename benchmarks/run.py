@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if "limit" not in skip:
             from benchmarks.limit import run_limit
 
-            lim = run_limit(images, model, weights, args.score_threshold, args.device)
+            lim = run_limit(images, model, weights, args.score_threshold, args.device,
+                            sweep_images=min(args.n, 96))
             limit_rate = lim["rate"]
             notes.append("limit images/s: " + "; ".join(
                 f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache)
             ref = next((r for r in rows if r.pipeline.startswith("reference")), None)
             ref_rate = ref.steady if ref else None
-            ref_wall = ref.rate if ref else None
+            ref_wall = (ref.rate, ref.images) if ref else None
         if "flow" not in skip:
             from benchmarks.ours import run_whole_flow
 

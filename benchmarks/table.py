@@ -32,15 +32,17 @@ def _mib(value: int | None) -> str:
 
 
 def cells(row: Row, ref: float | None, limit: float | None,
-          ref_wall: float | None = None) -> list[str]:
+          ref_wall: tuple[float, int] | None = None) -> list[str]:
     """One row's cells; ``x ref`` and ``x limit`` use the steady rate (the wall rate when there
-    is none), ``x ref wall`` the wall rates (start-up included, what a user waits for)."""
+    is none), ``x ref wall`` the wall rates (start-up included, what a user waits for), only
+    between runs over the same number of images (``ref_wall`` = reference rate, images)."""
     speed = row.steady or row.rate
+    wall_ref = ref_wall[0] if ref_wall and ref_wall[1] == row.images else None
     return [
         row.pipeline, str(row.images), _num(row.wall, ".1f"), _num(row.rate, ".2f"),
         _num(row.steady, ".2f"),
         _num(speed / ref if speed and ref else None, ".2f"),
-        _num(row.rate / ref_wall if row.rate and ref_wall else None, ".2f"),
+        _num(row.rate / wall_ref if row.rate and wall_ref else None, ".2f"),
         _num(speed / limit if speed and limit else None, ".0%"),
         _mib(row.rss), _mib(row.pss), _mib(row.store), _mib(row.spilled),
         _num(row.overhead, ".1f"),
@@ -48,7 +50,7 @@ def cells(row: Row, ref: float | None, limit: float | None,
 
 
 def format_table(rows: list[Row], ref: float | None, limit: float | None,
-                 markdown: bool = False, ref_wall: float | None = None) -> str:
+                 markdown: bool = False, ref_wall: tuple[float, int] | None = None) -> str:
     body = [list(COLUMNS)] + [cells(r, ref, limit, ref_wall) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(body[0]) + " |", "|" + "---|" * len(COLUMNS)]

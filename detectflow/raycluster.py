@@ -55,7 +55,7 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def connect(address: str | None, env: dict[str, str], warm: int = 1):
+def connect(address: str | None, env: dict[str, str], warm: int | None = None):
     """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray) unless this
     process is connected already. Ray's context when it connected here (and so must disconnect),
     else None.
@@ -83,7 +83,7 @@ def connect(address: str | None, env: dict[str, str], warm: int = 1):
         # Without its dashboard (~4 s of CPU at start-up on 2 cores, measured) unless asked for.
         context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
                            include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"))
-    warm_workers(warm)
+    warm_workers(int(os.environ.get("DETECTFLOW_WARM_WORKERS", "1")) if warm is None else warm)
     return context
 
 
