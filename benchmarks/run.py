@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     images = make_images(args.n, cache / "images")
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=cache))
     rows: list[Row] = []
-    ref_rate = limit_rate = ref_wall = None
+    limit_rate = None
+    refs: dict = {}
     notes = [f"{args.n} images {images.name}, model {model}, weights "
              f"{Path(weights).name if weights else 'torchvision'}, device {args.device}, "
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
@@ -104,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                             lim["peaks"].rss, lim["peaks"].pss))
         if {"reference", "detect"} - skip:
             rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache)
-            ref = next((r for r in rows if r.pipeline.startswith("reference")), None)
-            ref_rate = ref.steady if ref else None
-            ref_wall = (ref.rate, ref.images) if ref else None
+            refs = {r.images: r for r in rows if r.pipeline.startswith("reference")}
         if "flow" not in skip:
             from benchmarks.ours import run_whole_flow
 
@@ -122,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                             flow["peaks"].rss, flow["peaks"].pss, overhead=flow["overhead"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = format_table(rows, ref_rate, limit_rate, ref_wall=ref_wall)
+    text = format_table(rows, refs, limit_rate)
     print("\n" + "\n".join(notes) + "\n\n" + text, flush=True)
     if args.markdown:
         md = "\n".join(f"- {n}" for n in notes) + "\n\n" + format_table(
-            rows, ref_rate, limit_rate, markdown=True, ref_wall=ref_wall) + "\n"
+            rows, refs, limit_rate, markdown=True) + "\n"
         Path(args.markdown).write_text(md)
     return 0
 
@@ -148,6 +147,11 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
             ref = run_reference(images, work / "reference", model, weights,
                                 args.score_threshold, args.device)
             rows.append(_ray_row("reference (Ray recipe)", ref))
+            if args.scale:
+                ref = run_reference(make_images(10 * args.n, cache / "images"),
+                                    work / "reference-10x", model, weights,
+                                    args.score_threshold, args.device)
+                rows.append(_ray_row("reference (Ray recipe)", ref))
         if "detect" not in skip:
             from benchmarks.ours import run_detect_stage
 

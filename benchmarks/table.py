@@ -31,27 +31,27 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / MIB:,.0f}"
 
 
-def cells(row: Row, ref: float | None, limit: float | None,
-          ref_wall: tuple[float, int] | None = None) -> list[str]:
-    """One row's cells; ``x ref`` and ``x limit`` use the steady rate (the wall rate when there
-    is none), ``x ref wall`` the wall rates (start-up included, what a user waits for), only
-    between runs over the same number of images (``ref_wall`` = reference rate, images)."""
+def cells(row: Row, refs: dict[int, Row], limit: float | None) -> list[str]:
+    """One row's cells. ``x ref`` compares steady rates (wall when there is none) and ``x ref
+    wall`` wall rates (start-up included: what a user waits for), each with the reference run
+    over the same number of images; ``x limit`` compares with the bare model's steady rate."""
     speed = row.steady or row.rate
-    wall_ref = ref_wall[0] if ref_wall and ref_wall[1] == row.images else None
+    ref = refs.get(row.images)
+    ref_speed = (ref.steady or ref.rate) if ref else None
     return [
         row.pipeline, str(row.images), _num(row.wall, ".1f"), _num(row.rate, ".2f"),
         _num(row.steady, ".2f"),
-        _num(speed / ref if speed and ref else None, ".2f"),
-        _num(row.rate / wall_ref if row.rate and wall_ref else None, ".2f"),
+        _num(speed / ref_speed if speed and ref_speed else None, ".2f"),
+        _num(row.rate / ref.rate if ref and row.rate and ref.rate else None, ".2f"),
         _num(speed / limit if speed and limit else None, ".0%"),
         _mib(row.rss), _mib(row.pss), _mib(row.store), _mib(row.spilled),
         _num(row.overhead, ".1f"),
     ]
 
 
-def format_table(rows: list[Row], ref: float | None, limit: float | None,
-                 markdown: bool = False, ref_wall: tuple[float, int] | None = None) -> str:
-    body = [list(COLUMNS)] + [cells(r, ref, limit, ref_wall) for r in rows]
+def format_table(rows: list[Row], refs: dict[int, Row], limit: float | None,
+                 markdown: bool = False) -> str:
+    body = [list(COLUMNS)] + [cells(r, refs, limit) for r in rows]
     if markdown:
         lines = ["| " + " | ".join(body[0]) + " |", "|" + "---|" * len(COLUMNS)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body[1:]])
