@@ -1,7 +1,8 @@
 """``detectflow run``: run the flow locally and print a one-screen summary.
 
 Known user errors (bad parameter, missing input, unavailable weights) print one line and exit 2
-before Ray or Prefect start; the exit code is 0 only when the flow run is Completed.
+before Ray starts or the flow runs (Prefect's temporary API server, started first to save time,
+is stopped again); the exit code is 0 only when the flow run is Completed.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ its task runs. We hand the flow's own API URL to every Ray worker through ``runt
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +21,6 @@ from detectflow.errors import is_retryable
 from detectflow.raycluster import alive_nodes, code_runtime_env, existing_cluster_address
 
 __all__ = ["alive_nodes", "code_runtime_env", "existing_cluster_address"]
-
-log = logging.getLogger(__name__)
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -63,6 +63,7 @@ def test_manifest_describes_exactly_what_was_written(run, small_weights):
         "name": SMALL,
         "weights": {"source": str(small_weights), "file": small_weights.name,
                     "sha256": storage.sha256_file(str(small_weights))},
+        "precision": "fp32",
     }
     for entry, table in zip(manifest["output"]["files"], tables):
         path = str(run_dir / entry["path"])
