@@ -259,10 +259,6 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
-    if plan.object_store_bytes:  # this process's Data context: the detect task's own worker
-        options = ray.data.DataContext.get_current().execution_options
-        options.resource_limits = options.resource_limits.copy(
-            object_store_memory=plan.object_store_bytes)
     filesystem, _ = storage.arrow_fs(listing_uris[0])
     path = [storage.arrow_fs(uri)[1] for uri in listing_uris]
     # Small blocks: decode spreads over every CPU even within one listing shard, and results
@@ -281,7 +277,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         # decoding runs on its own CPUs in parallel with inference.
         ray_remote_args_fn=_no_extra_args,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         Detector,
         fn_constructor_kwargs={
             "model": cfg.model,
@@ -299,6 +295,11 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )
+    if plan.object_store_bytes:  # this dataset's own copy of the Data context, nothing global
+        options = ds.context.execution_options
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=plan.object_store_bytes)
+    return ds
 
 
 def run_detection(

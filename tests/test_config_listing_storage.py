@@ -8,8 +8,14 @@ import pytest
 from detectflow import storage
 from detectflow.config import RunConfig, parse_config
 from detectflow.errors import ConfigError, InputError
-from detectflow.listing import iter_images, write_listing
-from detectflow.pipeline import actor_threads, plan_resources, shard_sizes
+from detectflow.listing import iter_images, read_index, write_listing
+from detectflow.pipeline import (
+    actor_threads,
+    build_dataset,
+    object_store_budget,
+    plan_resources,
+    shard_sizes,
+)
 
 
 def test_defaults_run_the_bundled_images(sample_dir):
@@ -109,3 +115,27 @@ def test_resource_plan_uses_gpus_when_present_else_cpu_actors():
         plan_resources(RunConfig(device="cuda"), {"CPU": 2})
     with pytest.raises(ConfigError, match="exceed"):
         plan_resources(RunConfig(num_actors=4), {"CPU": 2})
+
+
+def test_object_store_budget_scales_with_the_pool_and_never_takes_half_the_store():
+    mib = 1 << 20
+    assert object_store_budget(RunConfig(), 1, 8 << 30) == 256 * mib
+    assert object_store_budget(RunConfig(), 8, 64 << 30) == 1024 * mib
+    assert object_store_budget(RunConfig(), 8, 1 << 30) == 512 * mib  # half of a small store
+    assert object_store_budget(RunConfig(object_store_mib=100), 8, None) == 100 * mib
+    assert object_store_budget(RunConfig(object_store_mib=0), 8, 8 << 30) is None
+
+
+def test_budget_applies_to_the_detect_dataset_only(tmp_path, sample_dir, ray_local):
+    import ray.data
+
+    cfg = RunConfig(input_uri=str(sample_dir), output_uri=str(tmp_path), run_id="budget")
+    plan = plan_resources(cfg, ray_local.cluster_resources())
+    write_listing(cfg.input_uri, str(tmp_path / "listing"), cfg.extensions, cfg.shard_size)
+    files = read_index(str(tmp_path / "listing"))["files"]
+    ds = build_dataset(cfg, [f["uri"] for f in files], plan)  # lazy: nothing runs
+    assert plan.object_store_bytes == 256 << 20
+    assert ds.context.execution_options.resource_limits.object_store_memory == 256 << 20
+    # the process-wide context (other datasets of this worker) keeps Ray's default
+    default = ray.data.DataContext.get_current().execution_options.resource_limits
+    assert default.object_store_memory == float("inf")
