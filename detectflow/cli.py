@@ -105,10 +105,9 @@ def run(args: argparse.Namespace) -> int:
     storage.configure(cfg.s3_endpoint_url)
     preflight(cfg)  # seconds, not minutes, to learn that weights, input or output are unusable
     flow = _Background(_import_flow, server)  # torch and Ray are imported by now, Prefect isn't
-    env = {"PREFECT_API_URL": server.url if server else os.environ["PREFECT_API_URL"]}
-    if cfg.s3_endpoint_url:
-        env["AWS_ENDPOINT_URL_S3"] = cfg.s3_endpoint_url
-    connected = raycluster.connect(cfg.ray_address, env)
+    api_url = server.url if server else os.environ["PREFECT_API_URL"]
+    connected = raycluster.connect(cfg.ray_address,
+                                   raycluster.worker_env(api_url, cfg.s3_endpoint_url))
     try:
         detect_objects, settings = flow.result()
         if settings is not None:

@@ -40,18 +40,8 @@ def prefect_api_url() -> str | None:
 
 
 def worker_env(s3_endpoint_url: str | None = None) -> dict[str, str]:
-    """Environment every Ray worker (and the Ray Data tasks and actors they start) needs: the
-    flow's API URL, so task runs land there, and the S3 endpoint when one was chosen.
-
-    Never credentials: ``runtime_env`` is shown in Ray's dashboard. Workers find credentials
-    the standard AWS way (environment inherited from the node, profile, instance role).
-    """
-    env = {}
-    if url := prefect_api_url():
-        env["PREFECT_API_URL"] = url
-    if s3_endpoint_url:
-        env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
-    return env
+    """``raycluster.worker_env`` for this process's flow run (its API URL)."""
+    return raycluster.worker_env(prefect_api_url(), s3_endpoint_url)
 
 
 def completed(future: Any) -> Any:

@@ -37,7 +37,7 @@ def code_runtime_env() -> dict[str, Any]:
     them on every worker's ``sys.path``. ``DETECTFLOW_SHIP_CODE=0`` turns it off for clusters
     whose image already contains detectflow.
     """
-    if os.environ.get("DETECTFLOW_SHIP_CODE", "1").lower() in ("0", "false", "no"):
+    if not _flag("DETECTFLOW_SHIP_CODE", "1"):
         return {}
     # Folders, not imported modules: ``detectflow run`` imports our code in another thread
     # meanwhile, and two threads importing one package can see it half-initialised.
@@ -46,8 +46,25 @@ def code_runtime_env() -> dict[str, Any]:
     return {"py_modules": folders, "excludes": ["__pycache__", "*.pyc"]}
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+def _flag(name: str, default: str = "") -> bool:
+    return os.environ.get(name, default).lower() in ("1", "true", "yes")
+
+
+def worker_env(api_url: str | None, s3_endpoint_url: str | None = None) -> dict[str, str]:
+    """Environment every Ray worker (and the Ray Data tasks and actors they start) needs: the
+    flow's Prefect API URL, so task runs land there, and the S3 endpoint when one was chosen.
+    ``detectflow run`` gives it to the job and the flow to its tasks: one definition keeps the
+    two equal, which lets the tasks run on the job's (warmed) workers.
+
+    Never credentials: ``runtime_env`` is shown in Ray's dashboard. Workers find credentials
+    the standard AWS way (environment inherited from the node, profile, instance role).
+    """
+    env = {}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url.rstrip("/")
+    if s3_endpoint_url:
+        env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
+    return env
 
 
 def alive_nodes() -> int:
@@ -55,13 +72,14 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def connect(address: str | None, env: dict[str, str], warm: int | None = None):
+def connect(address: str | None, env: dict[str, str]):
     """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray) unless this
     process is connected already. Ray's context when it connected here (and so must disconnect),
     else None.
 
     ``env`` becomes the job's ``runtime_env`` (every worker, and the Ray Data tasks and actors
-    started from them, inherit it). ``warm`` workers start importing our code at once.
+    started from them, inherit it). ``DETECTFLOW_WARM_WORKERS`` (default 1) workers start
+    importing our code at once.
     """
     if ray.is_initialized():
         return None
@@ -83,7 +101,7 @@ def connect(address: str | None, env: dict[str, str], warm: int | None = None):
         # Without its dashboard (~4 s of CPU at start-up on 2 cores, measured) unless asked for.
         context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
                            include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"))
-    warm_workers(int(os.environ.get("DETECTFLOW_WARM_WORKERS", "1")) if warm is None else warm)
+    warm_workers(int(os.environ.get("DETECTFLOW_WARM_WORKERS", "1")))
     return context
 
 
