@@ -36,9 +36,12 @@ def load_net(model: str, weights: str | None, score_threshold: float, device: st
     return models.load_model(model, resolved, score_threshold, device)
 
 
-def loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, device: str) -> float:
+def loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, device: str,
+         precision: str = "fp32") -> float:
     """Seconds for one pass over ``inputs`` in batches of ``batch`` (after one warm-up batch)."""
-    with torch.inference_mode():
+    from detectflow.predictor import autocast
+
+    with torch.inference_mode(), autocast(device, precision):
         net(inputs[:batch])
         if device == "cuda":
             torch.cuda.synchronize()
@@ -80,13 +83,14 @@ def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: 
 
 def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold: float,
               device: str, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-              sweep_images: int = 48) -> dict[str, Any]:
+              sweep_images: int = 48, precision: str = "fp32") -> dict[str, Any]:
     """Images/s for each way of running the bare loop, and the best of them."""
     with MemorySampler() as mem:
         net = load_net(model, weights, score_threshold, device)
         inputs = load_inputs(images_dir, device, sweep_images)
         threads = torch.get_num_threads()
-        rates = {f"1 proc x {threads} threads, batch {b}": len(inputs) / loop(net, inputs, b, device)
+        where = "GPU" if device == "cuda" else f"1 proc x {threads} threads"
+        rates = {f"{where}, batch {b}": len(inputs) / loop(net, inputs, b, device, precision)
                  for b in batch_sizes}
         del net, inputs
         procs = os.cpu_count() or 1

@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma list of: limit,reference,detect,flow")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="RunConfig field for ours (detect stage and flow), e.g. batch_size=1")
+    p.add_argument("--variant", dest="variants", action="append", default=None,
+                   metavar="NAME:KEY=VALUE,...",
+                   help="an extra detect-stage run with these RunConfig fields (repeatable; "
+                        "replaces the built-in levers), e.g. 'fp16:precision=fp16'")
     p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
     p.add_argument("--markdown", default=None, help="also write the table here (markdown)")
     return p.parse_args(argv)
@@ -92,19 +96,29 @@ def main(argv: list[str] | None = None) -> int:
              f"{Path(weights).name if weights else 'torchvision'}, device {args.device}, "
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
     try:
+        runs = variants(args.device, args.variants)
+        limits: dict[str, float] = {}
         if "limit" not in skip:
             from benchmarks.limit import run_limit
 
-            lim = run_limit(images, model, weights, args.score_threshold, args.device,
-                            sweep_images=min(args.n, 96))
-            limit_rate = lim["rate"]
-            notes.append("limit images/s: " + "; ".join(
-                f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
-            rows.append(Row(f"limit (bare model: {lim['best']})", lim["images"],
-                            lim["images"] / lim["rate"], lim["rate"], lim["rate"],
-                            lim["peaks"].rss, lim["peaks"].pss))
+            batches = (1, 2, 4, 8, 16) if args.device == "cuda" else (1, 2, 4, 8)
+            for precision in precisions(ours, runs):
+                lim = attempt(notes, f"limit {precision}", run_limit, images, model, weights,
+                              args.score_threshold, args.device, batch_sizes=batches,
+                              sweep_images=min(args.n, 96), precision=precision)
+                if lim is None:
+                    continue
+                limits[precision] = lim["rate"]
+                notes.append(f"limit ({precision}) images/s: " + "; ".join(
+                    f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
+                rows.append(Row(f"limit (bare model, {precision}: {lim['best']})", lim["images"],
+                                lim["images"] / lim["rate"], lim["rate"], lim["rate"],
+                                lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"]))
+                print(f"bench: {rows[-1]}", flush=True)
+            limit_rate = limits.get(ours.get("precision", "fp32"))
         if {"reference", "detect"} - skip:
-            rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache)
+            rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache,
+                               runs, limits)
             refs = {r.images: r for r in rows if r.pipeline.startswith("reference")}
         if "flow" not in skip:
             from benchmarks.ours import run_whole_flow
@@ -130,60 +144,115 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def attempt(notes: list[str], name: str, fn, *args, **kwargs):
+    """Run one measurement; a failure is noted and the others still run (one table at the end)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported in the table's notes
+        import traceback
+
+        traceback.print_exc()
+        notes.append(f"{name} FAILED: {type(exc).__name__}: {exc}"[:400])
+        return None
+
+
+def precisions(ours: dict, runs: list[tuple[str, dict]]) -> list[str]:
+    """The precisions the bare model is measured at: ours', then any a variant uses."""
+    seen = [ours.get("precision", "fp32")]
+    for _, extra in runs:
+        if (p := extra.get("precision", seen[0])) not in seen:
+            seen.append(p)
+    return seen
+
+
 def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, ours: dict,
-               skip: set[str], notes: list[str], cache: Path) -> list:
+               skip: set[str], notes: list[str], cache: Path, runs: list[tuple[str, dict]],
+               limits: dict[str, float]) -> list:
     """Reference and our detect stage on one local Ray (start-up not timed)."""
     import ray
 
     from benchmarks.images import make_images
 
     rows = []
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace="bench",
+    gpus = 0
+    if args.device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, namespace="bench",
              log_to_driver=False)
     try:
         if "reference" not in skip:
             from benchmarks.reference import run_reference
 
-            ref = run_reference(images, work / "reference", model, weights,
-                                args.score_threshold, args.device)
-            rows.append(_ray_row("reference (Ray recipe)", ref))
+            sets = [(images, "reference")]
             if args.scale:
-                ref = run_reference(make_images(10 * args.n, cache / "images"),
-                                    work / "reference-10x", model, weights,
-                                    args.score_threshold, args.device)
-                rows.append(_ray_row("reference (Ray recipe)", ref))
+                sets.append((make_images(10 * args.n, cache / "images"), "reference-10x"))
+            for folder, name in sets:
+                ref = attempt(notes, name, run_reference, folder, work / name, model, weights,
+                              args.score_threshold, args.device)
+                if ref:
+                    rows.append(_ray_row("reference (Ray recipe)", ref))
+                    print(f"bench: {rows[-1]}", flush=True)
         if "detect" not in skip:
             from benchmarks.ours import run_detect_stage
 
-            runs = [(name, args.n, images, extra) for name, extra in variants(args.device)]
+            plan = [(name, args.n, images, extra) for name, extra in runs]
             if args.scale:  # the defaults again, on 10x the images
-                name, _, _, extra = runs[0]
-                runs.append((name, 10 * args.n, make_images(10 * args.n, cache / "images"), extra))
-            for i, (name, n, folder, extra) in enumerate(runs):
-                det = run_detect_stage(folder, work / f"detect-{i}", **{**ours, **extra})
+                name, _, _, extra = plan[0]
+                plan.insert(1, (name, 10 * args.n, make_images(10 * args.n, cache / "images"),
+                                extra))
+            for i, (name, n, folder, extra) in enumerate(plan):
+                params = {**ours, **extra}
+                det = attempt(notes, f"ours ({name}) {n} images", run_detect_stage, folder,
+                              work / f"detect-{i}", **params)
+                if det is None:
+                    continue
                 notes.append(f"ours ({name}) {n} images: {det['plan'].describe()}; "
                              f"{det['detections']} boxes, {det['failed']} failed")
-                rows.append(_ray_row(f"ours: detect stage ({name})", det))
+                rows.append(_ray_row(f"ours: detect stage ({name})", det,
+                                     limits.get(params.get("precision", "fp32"))))
+                print(f"bench: {rows[-1]}", flush=True)
     finally:
         ray.shutdown()
     return rows
 
 
-def variants(device: str) -> list[tuple[str, dict]]:
-    """Our detect stage with its defaults (on one CPU machine: one single-threaded actor per
-    core) and, on CPU, the layout it replaced: one actor using every thread."""
-    if device == "cuda" or (os.cpu_count() or 1) < 2:
+# The levers measured against the defaults (each alone) on a GPU.
+GPU_LEVERS = (
+    "fp16:precision=fp16",  # bf16 is left out: it matches fp32 too poorly (RESULTS.md)
+    "gpu decode:gpu_decode=true",
+    "2 actors per GPU:gpus_per_actor=0.5",
+    "batch 8:batch_size=8",
+    "fp16 + gpu decode + batch 8:precision=fp16,gpu_decode=true,batch_size=8",
+)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:KEY=VALUE,KEY=VALUE' → (NAME, {KEY: VALUE})."""
+    name, _, fields = text.partition(":")
+    return name.strip(), parse_sets([f for f in fields.split(",") if f])
+
+
+def variants(device: str, given: list[str] | None = None) -> list[tuple[str, dict]]:
+    """Our detect stage with its defaults first, then the levers: ``given`` ones, else on a GPU
+    ``GPU_LEVERS`` and on CPU the layout the defaults replaced (one actor using every thread)."""
+    if given is not None:
+        return [("defaults", {})] + [parse_variant(v) for v in given]
+    if device == "cuda":
+        return [("defaults", {})] + [parse_variant(v) for v in GPU_LEVERS]
+    if (os.cpu_count() or 1) < 2:
         return [("defaults", {})]
     return [("defaults", {}), ("1 actor, all threads", {"cpus_per_actor": 1.0})]
 
 
-def _ray_row(name: str, result: dict):
+def _ray_row(name: str, result: dict, limit: float | None = None):
     from benchmarks.table import Row
 
     clock, peaks = result["clock"], result["peaks"]
     return Row(name, result["images"], clock.wall, result["images"] / clock.wall,
                clock.steady_rate(result["images"]), peaks.rss, peaks.pss, peaks.store,
-               peaks.spilled)
+               peaks.spilled, limit=limit)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class Row:
     store: int | None = None
     spilled: int | None = None
     overhead: float | None = None
+    limit: float | None = None  # this row's own bound (e.g. the bare model at its precision)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -36,6 +37,7 @@ def cells(row: Row, refs: dict[int, Row], limit: float | None) -> list[str]:
     wall`` wall rates (start-up included: what a user waits for), each with the reference run
     over the same number of images; ``x limit`` compares with the bare model's steady rate."""
     speed = row.steady or row.rate
+    limit = row.limit or limit
     ref = refs.get(row.images)
     ref_speed = (ref.steady or ref.rate) if ref else None
     return [

@@ -97,6 +97,11 @@ Precision = Annotated[
     Field(description="Inference precision: fp32, or bf16/fp16 autocast (GPUs; boxes match fp32 "
                       "within the tolerance README states)."),
 ]
+GpuDecode = Annotated[
+    bool,
+    Field(description="GPU actors decode plain JPEGs themselves with nvJPEG (CPU tasks only read "
+                      "the bytes); other images are decoded on CPU as usual."),
+]
 
 
 def new_run_id() -> str:
@@ -123,6 +128,7 @@ class RunConfig(BaseModel):
     s3_endpoint_url: S3EndpointUrl = None
     device: Device = "auto"
     precision: Precision = "fp32"
+    gpu_decode: GpuDecode = False
     num_actors: NumActors = None
     max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0

@@ -54,6 +54,36 @@ def decode(data: bytes) -> torch.Tensor:
     return image
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_ORIENTATION = 0x0112
+
+
+def plain_jpeg_size(data: bytes, max_side: int) -> tuple[int, int] | None:
+    """(H, W) when a device decoder can take these bytes as they are, else None.
+
+    That is a baseline or progressive JPEG in RGB or greyscale (not CMYK), with no EXIF rotation
+    (nvJPEG ignores EXIF) and no side over ``max_side`` (no resize needed before the model). Only
+    the header is parsed; anything else goes through :func:`decode` on the CPU, so every image
+    ends the same whichever side decodes it.
+    """
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return None
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                return None
+            width, height = img.size
+    except Exception:
+        return None  # let the CPU decoder produce the reason
+    if max(height, width) > max_side or min(height, width) < 1:
+        return None
+    return height, width
+
+
 def bounded_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """(H, W) scaled down so the longer side is at most ``max_side``; never scaled up."""
     longest = max(height, width)

@@ -53,6 +53,7 @@ class ResourcePlan:
     max_actors: int | None = None
     decode_tasks: int = 1
     object_store_bytes: int | None = None  # Ray Data's budget for this dataset; None: Ray's own
+    gpu_decode: bool = False  # plain JPEGs shipped encoded and decoded by the GPU actors
 
     def describe(self) -> str:
         pool = (f"{self.num_actors}-{self.max_actors}" if self.max_actors != self.num_actors
@@ -64,6 +65,7 @@ class ResourcePlan:
             f"decode up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU"
             + (f"; object store <= {self.object_store_bytes >> 20} MiB"
                if self.object_store_bytes else "")
+            + ("; plain JPEGs decoded on the GPU" if self.gpu_decode else "")
         )
 
     def actor_pool(self):
@@ -121,6 +123,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         device, low, gpus_per_actor, cpus_per_actor, cfg.decode_cpus, cfg.batch_size, cpus, gpus,
         nodes=nodes, max_actors=high, decode_tasks=int(left // cfg.decode_cpus),
         object_store_bytes=object_store_budget(cfg, high, cluster.get("object_store_memory")),
+        gpu_decode=cfg.gpu_decode and device == "cuda",
     )
 
 
@@ -268,7 +271,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     )
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"max_side": cfg.max_image_side},
+        fn_kwargs={"max_side": cfg.max_image_side, "ship_jpeg": plan.gpu_decode},
         batch_size=DECODE_BATCH,
         batch_format="pyarrow",
         num_cpus=plan.decode_cpus,

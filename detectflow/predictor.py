@@ -1,6 +1,7 @@
 """The two Ray Data UDFs: CPU decode (a task) and GPU/CPU inference (an actor).
 
-``decode_batch`` reads and decodes images on CPU workers and ships uint8 pixels once;
+``decode_batch`` reads and decodes images on CPU workers and ships uint8 pixels once (or, with
+``gpu_decode``, ships plain JPEGs still encoded, a tenth of the bytes, for the GPU to decode);
 ``Detector`` loads the model once per actor, turns uint8 into the model's float input on its own
 device (the weights' own ``transforms()``), and returns rows without pixels.
 """
@@ -25,6 +26,7 @@ DECODED_SCHEMA = pa.schema(
         pa.field("shard", pa.int32()),
         pa.field("image_uri", pa.string()),
         pa.field("pixels", pa.large_binary()),  # uint8, (3, height, width), C-contiguous
+        pa.field("encoded", pa.large_binary()),  # or a plain JPEG as read, for the GPU to decode
         pa.field("height", pa.int32()),
         pa.field("width", pa.int32()),
         pa.field("orig_height", pa.int32()),
@@ -34,10 +36,18 @@ DECODED_SCHEMA = pa.schema(
 )
 
 
-def decode_one(uri: str, max_side: int) -> dict[str, Any]:
-    """Read + decode one image; errors become a short reason instead of an exception."""
+def decode_one(uri: str, max_side: int, ship_jpeg: bool = False) -> dict[str, Any]:
+    """Read + decode one image; errors become a short reason instead of an exception.
+
+    With ``ship_jpeg``, a plain JPEG (``imaging.plain_jpeg_size``) is not decoded here but
+    returned as read, for a GPU actor to decode.
+    """
     try:
-        image = imaging.decode(storage.read_bytes(uri))
+        data = storage.read_bytes(uri)
+        if ship_jpeg and (size := imaging.plain_jpeg_size(data, max_side)):
+            return {"encoded": data, "height": size[0], "width": size[1],
+                    "orig_height": size[0], "orig_width": size[1], "error": None}
+        image = imaging.decode(data)
     except imaging.DecodeError as exc:
         return {"error": str(exc)}
     except FileNotFoundError:
@@ -56,7 +66,7 @@ def decode_one(uri: str, max_side: int) -> dict[str, Any]:
     }
 
 
-def decode_batch(batch: pa.Table, max_side: int) -> pa.Table:
+def decode_batch(batch: pa.Table, max_side: int, ship_jpeg: bool = False) -> pa.Table:
     """Ray Data task UDF: listing rows → decoded rows (one per input row, failures included)."""
     rows = []
     for uri, index, shard in zip(
@@ -64,7 +74,8 @@ def decode_batch(batch: pa.Table, max_side: int) -> pa.Table:
         batch.column("index").to_pylist(),
         batch.column("shard").to_pylist(),
     ):
-        rows.append({"index": index, "shard": shard, "image_uri": uri, **decode_one(uri, max_side)})
+        rows.append({"index": index, "shard": shard, "image_uri": uri,
+                     **decode_one(uri, max_side, ship_jpeg)})
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
@@ -151,19 +162,71 @@ class Detector:
                 results[i] = out
         return results
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = {name: batch.column(name).to_pylist() for name in batch.column_names if name != "pixels"}
+    def _host_tensor(self, buffer: pa.Buffer, height: int, width: int) -> torch.Tensor:
+        """Shipped pixels as a tensor the actor owns: in pinned memory for a GPU actor, so the
+        host-to-device copy is a DMA that ``non_blocking=True`` really overlaps."""
+        array = np.frombuffer(buffer, dtype=np.uint8).reshape(3, height, width)
+        if self.device != "cuda":
+            return torch.from_numpy(array.copy())
+        out = torch.empty((3, height, width), dtype=torch.uint8, pin_memory=True)
+        np.copyto(out.numpy(), array)
+        return out
+
+    def decode_jpegs(self, blobs: list[bytes]) -> list[torch.Tensor | str]:
+        """Plain JPEGs → uint8 tensors on the actor's device (nvJPEG, one batched call on a GPU);
+        an error reason (str) for an image that cannot be decoded.
+
+        A failing batch is decoded again per image on the CPU, exactly as a decode task would
+        (``imaging.decode``), so a corrupt file gets the same row whichever side decoded it.
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            raws = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+            return list(decode_jpeg(raws, mode=ImageReadMode.RGB, device=self.device))
+        except Exception:
+            out: list[torch.Tensor | str] = []
+            for blob in blobs:
+                try:
+                    out.append(imaging.decode(bytes(blob)))
+                except imaging.DecodeError as exc:
+                    out.append(str(exc))
+            return out
+
+    def _inputs(self, batch: pa.Table, cols: dict[str, list]) -> dict[int, torch.Tensor | str]:
+        """Row position → image tensor (shipped pixels or a JPEG decoded here) or error reason."""
         pixels = batch.column("pixels")
-        ok = [i for i, err in enumerate(cols["error"]) if err is None]
-        images = [
-            torch.from_numpy(
-                np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8)
-                .reshape(3, cols["height"][i], cols["width"][i])
-                .copy()
-            )
-            for i in ok
-        ]
-        predictions = dict(zip(ok, self.predict(images)))
+        encoded = batch.column("encoded") if "encoded" in batch.column_names else None
+        out: dict[int, torch.Tensor | str] = {}
+        jpegs: list[int] = []
+        for i, err in enumerate(cols["error"]):
+            if err is not None:
+                continue
+            if encoded is not None and encoded[i].is_valid:
+                jpegs.append(i)
+            else:
+                out[i] = self._host_tensor(pixels[i].as_buffer(), cols["height"][i],
+                                           cols["width"][i])
+        if jpegs:
+            decoded = self.decode_jpegs([encoded[i].as_buffer() for i in jpegs])
+            for i, image in zip(jpegs, decoded):
+                shape = (3, cols["height"][i], cols["width"][i])
+                if isinstance(image, torch.Tensor) and tuple(image.shape) != shape:
+                    image = f"decoded shape {tuple(image.shape)} differs from the header's {shape}"
+                if isinstance(image, str):  # a row as a decode task would have made it
+                    cols["orig_height"][i] = cols["orig_width"][i] = None
+                out[i] = image
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        skip = ("pixels", "encoded")
+        cols = {name: batch.column(name).to_pylist() for name in batch.column_names
+                if name not in skip}
+        inputs = self._inputs(batch, cols)
+        ok = [i for i, image in inputs.items() if isinstance(image, torch.Tensor)]
+        predictions = dict(zip(ok, self.predict([inputs[i] for i in ok])))
+        predictions.update({i: {"error": reason} for i, reason in inputs.items()
+                            if isinstance(reason, str)})
         rows = []
         for i in range(batch.num_rows):
             base = {

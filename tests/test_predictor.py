@@ -100,3 +100,41 @@ def test_fp16_autocast_finds_the_fp32_boxes(detector, small_weights, sample_dir)
     share, total = matched_share(fp32, fp16.to_pylist(), min_iou=0.9)
     print(f"fp16 found {share:.1%} of {total} fp32 boxes at IoU >= 0.9")
     assert total > 50 and share >= 0.85
+
+
+def test_gpu_decode_rows_equal_cpu_decode_rows(detector, sample_dir, tmp_path):
+    """``gpu_decode``: decode tasks ship plain JPEGs encoded and the actor decodes them
+    (``decode_jpeg`` on the actor's device: nvJPEG on a GPU, libjpeg here). Whatever is not a
+    plain JPEG (PNG, EXIF-rotated, over ``max_side``, corrupt) is decoded on the CPU as before,
+    and every row equals the CPU-decode path's row."""
+    from PIL import Image
+
+    jpgs = sorted(sample_dir.glob("*.jpg"))[:3]
+    photo = Image.open(jpgs[0])
+    photo.save(tmp_path / "as.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: nvJPEG would ignore it
+    photo.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    (tmp_path / "truncated.jpg").write_bytes(jpgs[1].read_bytes()[:2000])
+    uris = [str(p) for p in jpgs] + [str(tmp_path / n) for n in
+                                     ("as.png", "rotated.jpg", "truncated.jpg")]
+    shipped = decode_batch(_listing(uris), max_side=4096, ship_jpeg=True).to_pylist()
+    assert [r["encoded"] is not None for r in shipped] == [True] * 3 + [False, False, True]
+    assert all(r["pixels"] is None for r in shipped[:3]) and shipped[4]["pixels"] is not None
+    assert shipped[4]["width"] == photo.height  # rotated on the CPU, as EXIF says
+    small = decode_batch(_listing(uris[:1]), max_side=200, ship_jpeg=True).to_pylist()[0]
+    assert small["encoded"] is None and max(small["width"], small["height"]) == 200
+
+    via_cpu = detector(decode_batch(_listing(uris), max_side=4096)).to_pylist()
+    via_actor = detector(decode_batch(_listing(uris), max_side=4096, ship_jpeg=True)).to_pylist()
+    assert via_actor == via_cpu
+    assert sum(len(r["boxes"]) for r in via_actor[:3]) > 0
+
+
+def test_gpu_decode_batch_with_a_corrupt_jpeg_falls_back_per_image(detector, sample_dir):
+    """One undecodable JPEG in a batch: the others still decode, it gets the CPU decoder's
+    reason."""
+    good = (sample_dir / "chelsea.jpg").read_bytes()
+    out = detector.decode_jpegs([good, b"\xff\xd8\xff" + b"\x00" * 64, good])
+    assert [type(x).__name__ for x in out] == ["Tensor", "str", "Tensor"]
+    assert out[1].startswith("cannot decode") and out[0].shape == (3, 300, 451)
