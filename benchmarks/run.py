@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default=None,
                    help="default: torchvision's if in the hub cache, else calibrated offline ones")
     p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--levers-at-scale", action="store_true",
+                   help="with --scale: run the lever variants on the 10xN images too")
     p.add_argument("--skip", default="", help="comma list of: limit,reference,detect,flow")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="RunConfig field for ours (detect stage and flow), e.g. batch_size=1")
@@ -198,10 +200,13 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
             from benchmarks.ours import run_detect_stage
 
             plan = [(name, args.n, images, extra) for name, extra in runs]
-            if args.scale:  # the defaults again, on 10x the images
+            if args.scale:  # the defaults again (every lever with --levers-at-scale), on 10xN
+                big = make_images(10 * args.n, cache / "images")
                 name, _, _, extra = plan[0]
-                plan.insert(1, (name, 10 * args.n, make_images(10 * args.n, cache / "images"),
-                                extra))
+                plan.insert(1, (name, 10 * args.n, big, extra))
+                if args.levers_at_scale:
+                    plan = plan[:2] + [(name, 10 * args.n, big, extra)
+                                       for name, _, _, extra in plan[2:]]
             for i, (name, n, folder, extra) in enumerate(plan):
                 params = {**ours, **extra}
                 det = attempt(notes, f"ours ({name}) {n} images", run_detect_stage, folder,

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", default=None,
                      help=".pth path or s3:// URI (default: torchvision's pretrained weights)")
     run.add_argument("--score-threshold", type=float, default=D["score_threshold"])
-    run.add_argument("--batch-size", type=int, default=D["batch_size"])
+    run.add_argument("--batch-size", type=int, default=D["batch_size"],
+                     help="images per inference call (default: 16 per GPU actor, 4 on CPU)")
     run.add_argument("--limit", type=int, default=None, help="only the first N images")
     run.add_argument("--extensions", default=",".join(D["extensions"]),
                      help="comma-separated file extensions to include")
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D["device"])
     run.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=D["precision"],
                      help="bf16/fp16: autocast inference (for GPUs; default fp32)")
+    run.add_argument("--gpu-decode", action="store_true",
+                     help="GPU actors decode plain JPEGs (nvJPEG); decode tasks only read bytes")
     run.add_argument("--num-actors", type=int, default=None,
                      help="inference actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--max-actors", type=int, default=None,

@@ -46,7 +46,11 @@ WeightsUri = Annotated[
 ScoreThreshold = Annotated[
     float, Field(ge=0.0, le=1.0, description="Keep detections scoring at least this.")
 ]
-BatchSize = Annotated[int, Field(ge=1, le=1024, description="Images per inference call.")]
+BatchSize = Annotated[
+    int | None,
+    Field(ge=1, le=1024,
+          description="Images per inference call; empty = 16 per GPU actor, 4 per CPU actor."),
+]
 Extensions = Annotated[
     list[str], Field(min_length=1, description="File extensions to include (case-insensitive).")
 ]
@@ -120,7 +124,7 @@ class RunConfig(BaseModel):
     model: ModelName = DEFAULT_MODEL
     weights: WeightsUri = None
     score_threshold: ScoreThreshold = 0.5
-    batch_size: BatchSize = 4
+    batch_size: BatchSize = None
     limit: ImageLimit = None
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     run_id: RunId = None

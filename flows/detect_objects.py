@@ -49,6 +49,7 @@ def detect_objects(
     s3_endpoint_url: t.S3EndpointUrl = D["s3_endpoint_url"],
     device: t.Device = D["device"],
     precision: t.Precision = D["precision"],
+    gpu_decode: t.GpuDecode = D["gpu_decode"],
     num_actors: t.NumActors = D["num_actors"],
     max_actors: t.MaxActors = D["max_actors"],
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],

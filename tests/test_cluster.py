@@ -51,6 +51,20 @@ def test_plan_adapts_to_the_cluster_it_finds():
     assert (half.num_actors, half.gpus_per_actor) == (4, 0.5)
 
 
+def test_batch_size_and_gpu_decode_follow_the_device():
+    """No batch size given: 16 per GPU actor, 4 per CPU actor (benchmarks/RESULTS.md); JPEGs
+    are decoded on the GPU only when asked for and there are GPU actors to do it."""
+    gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 1})
+    cpu = plan_resources(RunConfig(), {"CPU": 2})
+    assert (gpu.batch_size, cpu.batch_size) == (16, 4)
+    assert plan_resources(RunConfig(batch_size=2), {"CPU": 16, "GPU": 1}).batch_size == 2
+    assert not gpu.gpu_decode
+    asked = RunConfig(gpu_decode=True)
+    assert plan_resources(asked, {"CPU": 16, "GPU": 1}).gpu_decode
+    assert "plain JPEGs decoded on the GPU" in plan_resources(asked, {"CPU": 16, "GPU": 1}).describe()
+    assert not plan_resources(asked, {"CPU": 2}).gpu_decode  # CPU actors: decode tasks do it
+
+
 def test_plan_takes_a_fixed_or_min_max_pool_when_given():
     fixed = plan_resources(RunConfig(num_actors=3), {"CPU": 8, "GPU": 8})
     assert (fixed.num_actors, fixed.max_actors) == (3, 3)

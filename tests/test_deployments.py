@@ -180,7 +180,8 @@ def test_prefect_yaml_registers_the_nightly_schedule_and_a_work_pool(server, dep
     for field in ("input_uri", "output_uri", "model", "score_threshold", "batch_size",
                   "num_actors", "gpus_per_actor", "sample_size", "ray_address"):
         assert field in props, field
-    assert props["score_threshold"]["maximum"] == 1.0 and props["batch_size"]["minimum"] == 1
+    batch = next(s for s in props["batch_size"]["anyOf"] if s["type"] == "integer")
+    assert props["score_threshold"]["maximum"] == 1.0 and batch["minimum"] == 1  # or null: auto
 
 
 @pytest.mark.parametrize("field,value", [("score_threshold", 2.0), ("batch_size", 0),
