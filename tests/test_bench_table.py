@@ -15,3 +15,23 @@ def test_table_ratios_use_steady_rates_and_mark_missing_values():
     assert ref.split()[-1] == "-"
     md = format_table(rows, refs={96: rows[0]}, limit=8.0, markdown=True).splitlines()
     assert md[0].startswith("| pipeline |") and md[1].count("---") == len(COLUMNS)
+
+
+def test_a_row_with_its_own_bound_is_compared_with_it():
+    """An fp16 row against the fp16 bare model, not the fp32 one the table defaults to."""
+    rows = [Row("fp16", 96, 10.0, 9.0, 12.0, limit=16.0), Row("fp32", 96, 10.0, 9.0, 6.0)]
+    fp16, fp32 = format_table(rows, refs={}, limit=8.0).splitlines()[2:]
+    assert "75%" in fp16.split() and "75%" in fp32.split()
+
+
+def test_lever_variants_parse_and_pick_the_bounds_to_measure():
+    from benchmarks.run import GPU_LEVERS, parse_variant, precisions, variants
+
+    assert parse_variant("fp16, batch 16:precision=fp16,batch_size=16") == (
+        "fp16, batch 16", {"precision": "fp16", "batch_size": 16})
+    gpu = variants("cuda")
+    assert gpu[0] == ("defaults", {}) and len(gpu) == 1 + len(GPU_LEVERS)
+    assert variants("cpu", ["gpu decode:gpu_decode=true"])[1] == ("gpu decode",
+                                                                  {"gpu_decode": True})
+    assert precisions({}, gpu) == ["fp32", "fp16"]
+    assert precisions({"precision": "fp16"}, [("x", {"precision": "fp32"})]) == ["fp16", "fp32"]
