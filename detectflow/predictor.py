@@ -9,6 +9,7 @@ device (the weights' own ``transforms()``), and returns rows without pixels.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections import defaultdict
 from typing import Any
@@ -79,11 +80,32 @@ def decode_batch(batch: pa.Table, max_side: int, ship_jpeg: bool = False) -> pa.
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 
-def group_by_shape(shapes: list[tuple[int, int]]) -> list[list[int]]:
-    """Positions grouped by identical (H, W), in first-seen order.
+def model_input_shape(height: int, width: int, transform: Any) -> tuple[int, int]:
+    """The padded (H, W) the model's own ``GeneralizedRCNNTransform`` gives this image.
 
-    Batching only same-sized images means no padding differs from a single-image call, so results
-    equal the model's per-image output exactly, and homogeneous datasets still batch fully.
+    Same arithmetic as torchvision's (float32 scale, floor of the resized size, padding up to a
+    multiple of ``size_divisible``); a model without that transform keeps the image's shape.
+    """
+    if transform is None or not hasattr(transform, "size_divisible"):
+        return height, width
+    if getattr(transform, "fixed_size", None):
+        height, width = transform.fixed_size[1], transform.fixed_size[0]
+    else:
+        low, high = np.float32(min(height, width)), np.float32(max(height, width))
+        scale = float(min(np.float32(transform.min_size[-1]) / low,
+                          np.float32(transform.max_size) / high))
+        height, width = math.floor(height * scale), math.floor(width * scale)
+    step = transform.size_divisible
+    return math.ceil(height / step) * step, math.ceil(width / step) * step
+
+
+def group_by_shape(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Positions grouped by identical shape, in first-seen order.
+
+    Called with the shape each image has inside the model (``model_input_shape``): images of one
+    aspect ratio batch together whatever their size, and since each is padded to exactly what a
+    single-image call pads it to, results equal the model's per-image output; a mixed batch would
+    pad small images up to the largest one's size.
     """
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for pos, shape in enumerate(shapes):
@@ -148,7 +170,9 @@ class Detector:
     def predict(self, images: list[torch.Tensor]) -> list[dict[str, Any]]:
         """Per image: {boxes, scores, labels} or {error}; a failing batch is retried per image."""
         results: list[dict[str, Any]] = [{} for _ in images]
-        for group in group_by_shape([tuple(img.shape[-2:]) for img in images]):
+        transform = getattr(self.model, "transform", None)
+        shapes = [model_input_shape(*img.shape[-2:], transform) for img in images]
+        for group in group_by_shape(shapes):
             try:
                 outs = self._forward([images[i] for i in group])
             except Exception:

@@ -138,3 +138,42 @@ def test_gpu_decode_batch_with_a_corrupt_jpeg_falls_back_per_image(detector, sam
     out = detector.decode_jpegs([good, b"\xff\xd8\xff" + b"\x00" * 64, good])
     assert [type(x).__name__ for x in out] == ["Tensor", "str", "Tensor"]
     assert out[1].startswith("cannot decode") and out[0].shape == (3, 300, 451)
+
+
+def test_model_input_shape_follows_torchvision_transform(detector):
+    """The key images are batched by: the padded shape inside the model, checked against the
+    model's own transform on real tensors."""
+    import torch
+
+    from detectflow.predictor import model_input_shape
+
+    transform = detector.model.transform
+    for h, w in [(480, 640), (375, 500), (300, 451), (1000, 333), (17, 4000), (640, 640)]:
+        batched = transform([torch.rand(3, h, w)])[0].tensors
+        assert model_input_shape(h, w, transform) == tuple(batched.shape[-2:]), (h, w)
+    assert model_input_shape(375, 500, transform) == model_input_shape(480, 640, transform)
+    assert model_input_shape(5, 7, None) == (5, 7)
+
+
+def test_images_of_one_aspect_ratio_batch_together_with_per_image_results(detector, sample_dir):
+    """A 451x300 photo and its 902x600 double share one model input shape: one forward call,
+    and each gets the boxes it gets alone."""
+    import torch
+    from torchvision.transforms.v2 import functional as F
+
+    from detectflow.imaging import decode
+
+    small = decode((sample_dir / "chelsea.jpg").read_bytes())
+    large = F.resize(small, [600, 902], antialias=True)
+    calls = []
+    forward = detector._forward
+    detector._forward = lambda images: calls.append(len(images)) or forward(images)
+    try:
+        together = detector.predict([small, large])
+    finally:
+        del detector._forward
+    assert calls == [2]
+    for image, out in zip([small, large], together):
+        alone = detector.predict([image])[0]
+        assert torch.equal(alone["labels"], out["labels"])
+        assert torch.allclose(alone["boxes"], out["boxes"], atol=1e-2)
