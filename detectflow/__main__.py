@@ -1,3 +1,3 @@
-from detectflow.cli import main
+from detectflow.cli import entry
 
-raise SystemExit(main())
+entry()

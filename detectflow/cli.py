@@ -187,3 +187,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def entry() -> None:
+    """The ``detectflow`` command (and ``python -m detectflow``): ``main``, then a quick exit.
+
+    Once every exit hook has run (Prefect's have sent the last logs, the temporary API server
+    is stopped), what is left is the interpreter tearing down torch, Ray and Prefect's modules:
+    measured 2.6 s on 2 cores, for nothing. The hook registered first runs last, so it can
+    flush and ``os._exit`` with main's code. ``main`` alone (as tests call it) exits normally.
+    """
+    import logging
+
+    code: list[int] = []
+
+    def exit_now() -> None:
+        if code:  # main returned: nothing is left to do but the teardown
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code[0])
+
+    atexit.register(exit_now)
+    code.append(main())
+    raise SystemExit(code[0])
