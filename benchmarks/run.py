@@ -113,10 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 limits[precision] = lim["rate"]
                 notes.append(f"limit ({precision}) images/s: " + "; ".join(
                     f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
-                rows.append(Row(f"limit (bare model, {precision}: {lim['best']})", lim["images"],
-                                lim["images"] / lim["rate"], lim["rate"], lim["rate"],
-                                lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"]))
-                print(f"bench: {rows[-1]}", flush=True)
+                emit(rows, Row(f"limit (bare model, {precision}: {lim['best']})", lim["images"],
+                               lim["images"] / lim["rate"], lim["rate"], lim["rate"],
+                               lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"]))
             limit_rate = limits.get(ours.get("precision", "fp32"))
         if {"reference", "detect"} - skip:
             rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache,
@@ -144,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             rows, refs, limit_rate, markdown=True) + "\n"
         Path(args.markdown).write_text(md)
     return 0
+
+
+def emit(rows: list, row) -> None:
+    """Keep a row and print it at once: a run cut short still shows what it measured."""
+    rows.append(row)
+    print(f"bench: {row}", flush=True)
 
 
 def attempt(notes: list[str], name: str, fn, *args, **kwargs):
@@ -194,19 +199,20 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
                 ref = attempt(notes, name, run_reference, folder, work / name, model, weights,
                               args.score_threshold, args.device)
                 if ref:
-                    rows.append(_ray_row("reference (Ray recipe)", ref))
-                    print(f"bench: {rows[-1]}", flush=True)
+                    emit(rows, _ray_row("reference (Ray recipe)", ref))
         if "detect" not in skip:
             from benchmarks.ours import run_detect_stage
 
-            plan = [(name, args.n, images, extra) for name, extra in runs]
-            if args.scale:  # the defaults again (every lever with --levers-at-scale), on 10xN
+            # The defaults at N (and 10xN with --scale), then the levers at N (or 10xN).
+            (name, extra), levers = runs[0], runs[1:]
+            plan = [(name, args.n, images, extra)]
+            lever_n, lever_images = args.n, images
+            if args.scale:
                 big = make_images(10 * args.n, cache / "images")
-                name, _, _, extra = plan[0]
-                plan.insert(1, (name, 10 * args.n, big, extra))
+                plan.append((name, 10 * args.n, big, extra))
                 if args.levers_at_scale:
-                    plan = plan[:2] + [(name, 10 * args.n, big, extra)
-                                       for name, _, _, extra in plan[2:]]
+                    lever_n, lever_images = 10 * args.n, big
+            plan += [(name, lever_n, lever_images, extra) for name, extra in levers]
             for i, (name, n, folder, extra) in enumerate(plan):
                 params = {**ours, **extra}
                 det = attempt(notes, f"ours ({name}) {n} images", run_detect_stage, folder,
@@ -215,9 +221,8 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
                     continue
                 notes.append(f"ours ({name}) {n} images: {det['plan'].describe()}; "
                              f"{det['detections']} boxes, {det['failed']} failed")
-                rows.append(_ray_row(f"ours: detect stage ({name})", det,
-                                     limits.get(params.get("precision", "fp32"))))
-                print(f"bench: {rows[-1]}", flush=True)
+                emit(rows, _ray_row(f"ours: detect stage ({name})", det,
+                                    limits.get(params.get("precision", "fp32"))))
     finally:
         ray.shutdown()
     return rows
@@ -243,10 +248,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def variants(device: str, given: list[str] | None = None) -> list[tuple[str, dict]]:
     """Our detect stage with its defaults first, then the levers: ``given`` ones, else on a GPU
     ``GPU_LEVERS`` and on CPU the layout the defaults replaced (one actor using every thread)."""
+    if given is None and device == "cuda":
+        given = list(GPU_LEVERS)
     if given is not None:
         return [("defaults", {})] + [parse_variant(v) for v in given]
-    if device == "cuda":
-        return [("defaults", {})] + [parse_variant(v) for v in GPU_LEVERS]
     if (os.cpu_count() or 1) < 2:
         return [("defaults", {})]
     return [("defaults", {}), ("1 actor, all threads", {"cpus_per_actor": 1.0})]

@@ -79,7 +79,7 @@ def plain_jpeg_size(data: bytes, max_side: int) -> tuple[int, int] | None:
             width, height = img.size
     except Exception:
         return None  # let the CPU decoder produce the reason
-    if max(height, width) > max_side or min(height, width) < 1:
+    if max(height, width) > max_side:
         return None
     return height, width
 

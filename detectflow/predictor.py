@@ -200,22 +200,27 @@ class Detector:
         """Plain JPEGs → uint8 tensors on the actor's device (nvJPEG, one batched call on a GPU);
         an error reason (str) for an image that cannot be decoded.
 
-        A failing batch is decoded again per image on the CPU, exactly as a decode task would
-        (``imaging.decode``), so a corrupt file gets the same row whichever side decoded it.
+        A failing batch is decoded again image by image; an image the device decoder rejects goes
+        through the CPU decoders exactly as in a decode task (``imaging.decode``), so a corrupt
+        file gets the same row whichever side decoded it.
         """
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        raws = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         try:
-            raws = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
             return list(decode_jpeg(raws, mode=ImageReadMode.RGB, device=self.device))
         except Exception:
-            out: list[torch.Tensor | str] = []
-            for blob in blobs:
+            pass
+        out: list[torch.Tensor | str] = []
+        for raw in raws:
+            try:
+                out.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device))
+            except Exception:
                 try:
-                    out.append(imaging.decode(bytes(blob)))
+                    out.append(imaging.decode(raw.numpy().tobytes()))
                 except imaging.DecodeError as exc:
                     out.append(str(exc))
-            return out
+        return out
 
     def _inputs(self, batch: pa.Table, cols: dict[str, list]) -> dict[int, torch.Tensor | str]:
         """Row position → image tensor (shipped pixels or a JPEG decoded here) or error reason."""

@@ -25,8 +25,9 @@ def fingerprint(cfg: RunConfig, weights_sha256: str = "") -> str:
     sha256), so weights overwritten at the same path between attempts invalidate staged shards."""
     key = {"model": cfg.model, "weights": cfg.weights, "weights_sha256": weights_sha256,
            "score_threshold": cfg.score_threshold, "max_image_side": cfg.max_image_side,
-           "run_id": cfg.run_id, "precision": cfg.precision,
-           "gpu_decode": cfg.gpu_decode}
+           "run_id": cfg.run_id, "precision": cfg.precision}
+    if cfg.gpu_decode:  # only when set: shards staged before the option existed stay valid
+        key["gpu_decode"] = True
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
