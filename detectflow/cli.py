@@ -119,12 +119,14 @@ def run(args: argparse.Namespace) -> int:
                        if k in detect_objects.parameters.properties}
         with settings if settings is not None else contextlib.nullcontext():
             state = detect_objects(**flow_params, return_state=True)
-        return report(cfg, state)
     finally:
         if connected is not None:
             import ray
 
             ray.shutdown()
+    # Only now: Ray prints to stderr until it has shut down (e.g. "worker died" for a warm-up
+    # task cut short by a run that failed fast), and the outcome must be the last line.
+    return report(cfg, state)
 
 
 def report(cfg, state) -> int:

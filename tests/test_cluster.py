@@ -271,7 +271,7 @@ def test_the_cluster_is_still_up_after_the_run(cluster, cluster_run):
     assert all(proc.poll() is None for proc in cluster.procs)
 
 
-def test_local_input_is_refused_on_the_multi_node_cluster(cluster, s3, prefect_api, tmp_path,
+def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefect_api, tmp_path,
                                                           sample_dir):
     proc, _ = _detectflow_run(
         _cli_env(tmp_path, prefect_api), "--input", str(sample_dir), "--output",
