@@ -2,23 +2,33 @@
 
 Decoded images stay uint8 until they reach the model: shipping uint8 through Ray's object store
 costs a quarter of the float32 tensors the reference recipe ships (twice).
+
+torch is imported only by the functions that make tensors (the decoders): drawing samples and
+reading headers run in Prefect task workers that never need it (benchmarks/RESULTS.md, Start-up).
 """
 
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as F
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image as PILImage
 
 
 class DecodeError(ValueError):
     """The bytes are not an image we can read; the message is the short reason stored per row."""
 
 
-def _decode_with_pil(data: bytes) -> torch.Tensor:
+def open_rgb(data: bytes) -> PILImage.Image:
+    """Bytes → an RGB Pillow image, EXIF orientation applied (16-bit greys scaled to 8 bits).
+
+    Pillow reads what torchvision's decoders reject (CMYK, 16-bit, odd palettes), and is what
+    sample drawing uses, without torch.
+    """
     from PIL import Image, ImageOps
 
     try:
@@ -28,9 +38,15 @@ def _decode_with_pil(data: bytes) -> torch.Tensor:
                 arr = np.asarray(img, dtype=np.float32)
                 arr = (arr / max(float(arr.max()), 1.0) * 255.0).astype(np.uint8)
                 img = Image.fromarray(arr)
-            rgb = np.asarray(img.convert("RGB"))
+            return img.convert("RGB")
     except Exception as exc:
         raise DecodeError(f"cannot decode image: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def _decode_with_pil(data: bytes) -> torch.Tensor:
+    import torch
+
+    rgb = np.asarray(open_rgb(data))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -42,6 +58,10 @@ def decode(data: bytes) -> torch.Tensor:
     """
     if not data:
         raise DecodeError("empty file")
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as F
+
     try:
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         image = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
@@ -103,6 +123,8 @@ def limit_size(image: torch.Tensor, max_side: int) -> torch.Tensor:
     new_h, new_w = bounded_size(height, width, max_side)
     if (new_h, new_w) == (height, width):
         return image
+    from torchvision.transforms.v2 import functional as F
+
     return F.resize(image, [new_h, new_w], antialias=True)
 
 
@@ -122,17 +144,18 @@ def rescale_boxes(
     return out
 
 
-def encode_png(image: torch.Tensor) -> bytes:
-    from torchvision.io import encode_png as _encode
+def encode_png(image: PILImage.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
-    return _encode(image.contiguous()).numpy().tobytes()
 
-
-def thumbnail_jpeg(image: torch.Tensor, max_side: int = 320, quality: int = 80) -> bytes:
+def thumbnail_jpeg(image: PILImage.Image, max_side: int = 320, quality: int = 80) -> bytes:
     """A small JPEG for embedding in Prefect artifacts (they live in the Prefect database)."""
-    from torchvision.io import encode_jpeg
+    from PIL import Image
 
-    h, w = image.shape[-2:]
-    new_h, new_w = bounded_size(h, w, max_side)
-    small = F.resize(image, [new_h, new_w], antialias=True) if (new_h, new_w) != (h, w) else image
-    return encode_jpeg(small.contiguous(), quality=quality).numpy().tobytes()
+    new_h, new_w = bounded_size(image.height, image.width, max_side)
+    small = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

@@ -3,6 +3,10 @@
 Weights are always loaded from a file with ``torch.load(..., weights_only=True)``: a pickle that
 carries code is refused by torch itself. The weights identity (file name + sha256) goes into the
 manifest so a consumer knows exactly which model produced the dataset.
+
+torch and torchvision are imported by the functions that need them (the weights enum, loading):
+the flow process and its task workers, which only resolve local or s3:// weights and name
+categories, skip seconds of imports (benchmarks/RESULTS.md, Start-up).
 """
 
 from __future__ import annotations
@@ -12,12 +16,29 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import torch
-from torchvision.models import get_model_builder, get_model_weights
+from typing import TYPE_CHECKING
 
 from detectflow import storage
 from detectflow.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+# The label table of every model we support (torchvision's COCO table, index = label id;
+# tests/test_models.py holds it equal to each model's weights metadata).
+COCO_CATEGORIES = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
+    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
+    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
+    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
 
 # Keyword each builder uses for its own score cut-off, so low-scoring boxes are dropped inside
 # the model (cheaper) rather than only afterwards.
@@ -45,15 +66,20 @@ class ResolvedWeights:
 
 def default_weights(model: str):
     """The torchvision weights enum entry the reference recipe uses (``.DEFAULT``)."""
+    from torchvision.models import get_model_weights
+
     return get_model_weights(model).DEFAULT
 
 
 def categories(model: str) -> list[str]:
-    return list(default_weights(model).meta["categories"])
+    """Label id → name for ``model`` (every supported model is trained on COCO)."""
+    return list(COCO_CATEGORIES)
 
 
 def hub_checkpoint_path(model: str) -> Path:
     """Where torch's hub cache keeps the pretrained file for ``model``."""
+    import torch
+
     file_name = os.path.basename(default_weights(model).url)
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
@@ -73,6 +99,8 @@ def _sha256(path: str) -> str:
 
 
 def _weights_cache_dir() -> Path:
+    import torch
+
     return Path(torch.hub.get_dir()) / "detectflow"
 
 
@@ -119,6 +147,8 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
 
 def build_model(model: str, score_threshold: float = 0.05) -> torch.nn.Module:
     """The torchvision architecture with no weights (nothing is downloaded here)."""
+    from torchvision.models import get_model_builder
+
     family = model.split("_", 1)[0]
     kwargs = {_SCORE_KWARG[family]: score_threshold} if family in _SCORE_KWARG else {}
     builder = get_model_builder(model)
@@ -131,6 +161,8 @@ def load_model(
     model: str, weights: ResolvedWeights, score_threshold: float, device: str = "cpu"
 ) -> torch.nn.Module:
     """Build ``model`` and load ``weights`` into it, strictly; eval mode on ``device``."""
+    import torch
+
     net = build_model(model, score_threshold)
     try:
         state = torch.load(weights.path, map_location="cpu", weights_only=True)

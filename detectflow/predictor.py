@@ -4,6 +4,10 @@
 ``gpu_decode``, ships plain JPEGs still encoded, a tenth of the bytes, for the GPU to decode);
 ``Detector`` loads the model once per actor, turns uint8 into the model's float input on its own
 device (the weights' own ``transforms()``), and returns rows without pixels.
+
+torch is imported inside the functions that use it: the process that builds the pipeline (a
+Prefect task worker) only needs these names, and importing torch + torchvision there costs
+seconds of CPU the decoders and actors need (benchmarks/RESULTS.md, Start-up).
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ import contextlib
 import math
 import os
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from detectflow import imaging, models, storage
 from detectflow.schema import detection_row, rows_to_table
+
+if TYPE_CHECKING:
+    import torch
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -116,6 +122,8 @@ def group_by_shape(shapes: list[tuple[int, int]]) -> list[list[int]]:
 def pick_device(num_gpus: float, device: str) -> str:
     if device == "cpu":
         return "cpu"
+    import torch
+
     if torch.cuda.is_available() and (num_gpus > 0 or device == "cuda"):
         return "cuda"
     if device == "cuda":
@@ -128,6 +136,8 @@ def autocast(device: str, precision: str):
     e.g. box decoding and NMS, in float32), or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
+    import torch
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type=device, dtype=dtype)
 
@@ -149,6 +159,8 @@ class Detector:
         self.model_name = model
         self.run_id = run_id
         self.score_threshold = score_threshold
+        import torch
+
         self.device = pick_device(num_gpus, device)
         if self.device == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
@@ -160,6 +172,8 @@ class Detector:
         self.pid = os.getpid()
 
     def _forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        import torch
+
         with torch.inference_mode(), autocast(self.device, self.precision):
             inputs = [self.transforms(img.to(self.device, non_blocking=True)) for img in images]
             outs = self.model(inputs)
@@ -189,6 +203,8 @@ class Detector:
     def _host_tensor(self, buffer: pa.Buffer, height: int, width: int) -> torch.Tensor:
         """Shipped pixels as a tensor the actor owns: in pinned memory for a GPU actor, so the
         host-to-device copy is a DMA that ``non_blocking=True`` really overlaps."""
+        import torch
+
         array = np.frombuffer(buffer, dtype=np.uint8).reshape(3, height, width)
         if self.device != "cuda":
             return torch.from_numpy(array.copy())
@@ -204,6 +220,7 @@ class Detector:
         through the CPU decoders exactly as in a decode task (``imaging.decode``), so a corrupt
         file gets the same row whichever side decoded it.
         """
+        import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
         raws = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
@@ -240,7 +257,7 @@ class Detector:
             decoded = self.decode_jpegs([encoded[i].as_buffer() for i in jpegs])
             for i, image in zip(jpegs, decoded):
                 shape = (3, cols["height"][i], cols["width"][i])
-                if isinstance(image, torch.Tensor) and tuple(image.shape) != shape:
+                if not isinstance(image, str) and tuple(image.shape) != shape:
                     image = f"decoded shape {tuple(image.shape)} differs from the header's {shape}"
                 if isinstance(image, str):  # a row as a decode task would have made it
                     cols["orig_height"][i] = cols["orig_width"][i] = None
@@ -252,7 +269,7 @@ class Detector:
         cols = {name: batch.column(name).to_pylist() for name in batch.column_names
                 if name not in skip}
         inputs = self._inputs(batch, cols)
-        ok = [i for i, image in inputs.items() if isinstance(image, torch.Tensor)]
+        ok = [i for i, image in inputs.items() if not isinstance(image, str)]
         predictions = dict(zip(ok, self.predict([inputs[i] for i in ok])))
         predictions.update({i: {"error": reason} for i, reason in inputs.items()
                             if isinstance(reason, str)})

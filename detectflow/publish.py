@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -46,17 +47,33 @@ def publish_shard(staged_uri: str, target_uri: str, metadata: dict[str, str]) ->
     return {"rows": table.num_rows, **storage.write_parquet(target_uri, table, compression="zstd")}
 
 
+def installed_version(package: str) -> str:
+    """``package.__version__`` without importing the package: read from its ``version.py``,
+    which keeps the build tag (``+cu130``, ``+cpu``) that the wheel's metadata may drop."""
+    import importlib.util
+    import re
+    from importlib.metadata import version
+
+    spec = importlib.util.find_spec(package)  # a top-level name: found, not imported
+    if spec and spec.origin:
+        path = Path(spec.origin).parent / "version.py"
+        if path.is_file() and (found := re.search(r"^__version__\s*=\s*['\"]([^'\"]+)",
+                                                   path.read_text(), re.M)):
+            return found.group(1)
+    return version(package)
+
+
 def versions() -> dict[str, str]:
+    """The stack that produced the run. torch's and torchvision's are read, not imported: that
+    would cost seconds in a task worker that never needs them."""
     import prefect
     import ray
-    import torch
-    import torchvision
 
     return {
         "detectflow": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torch": installed_version("torch"),
+        "torchvision": installed_version("torchvision"),
         "ray": ray.__version__,
         "prefect": prefect.__version__,
         "pyarrow": pa.__version__,

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torchvision.utils import draw_bounding_boxes
 
 from detectflow import imaging, storage
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BOX_TOLERANCE = 1e-3  # pixels; float32 rounding at the image border
 
@@ -65,14 +66,20 @@ def pick_sample(staged_uris: list[str], n: int) -> list[dict[str, Any]]:
     return (chosen + spare)[:n]
 
 
-def draw(row: dict[str, Any]) -> torch.Tensor:
-    """The original image (as the pipeline decoded it, EXIF applied) with the row's boxes drawn."""
-    image = imaging.decode(storage.read_bytes(row["image_uri"]))
+def draw(row: dict[str, Any]) -> Image.Image:
+    """The original image (EXIF orientation applied, as the pipeline decodes it) with the row's
+    boxes and ``label score`` captions drawn in red, in the style of torchvision's
+    ``draw_bounding_boxes`` (which draws with Pillow too), without importing torch."""
+    from PIL import ImageDraw, ImageFont
+
+    image = imaging.open_rgb(storage.read_bytes(row["image_uri"]))
     if not row["boxes"]:
         return image
-    labels = [f"{n} {s:.2f}" for n, s in zip(row["label_names"], row["scores"])]
-    width = max(2, round(max(image.shape[-2:]) / 250))
-    return draw_bounding_boxes(
-        image, torch.tensor(row["boxes"], dtype=torch.float32), labels=labels, colors="red",
-        width=width,
-    )
+    width = max(2, round(max(image.size) / 250))
+    pen = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, 5 * width))
+    for box, name, score in zip(row["boxes"], row["label_names"], row["scores"]):
+        pen.rectangle([float(v) for v in box], outline="red", width=width)
+        pen.text((box[0] + width + 1, box[1] + width + 1), f"{name} {score:.2f}", fill="red",
+                 font=font)
+    return image

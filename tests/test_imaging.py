@@ -81,3 +81,26 @@ def test_rescale_boxes_maps_back_to_original_pixels_and_clips():
     clipped = imaging.rescale_boxes(np.array([[-3, -1, 35, 25]], np.float32), (20, 30), (20, 30))
     np.testing.assert_allclose(clipped, [[0, 0, 30, 20]])
     assert imaging.rescale_boxes(np.zeros((0, 4)), (5, 5), (10, 10)).shape == (0, 4)
+
+
+def test_drawn_sample_is_the_oriented_original_with_red_boxes(tmp_path):
+    from detectflow.sample import draw
+
+    # 60 rows x 100 columns stored, EXIF orientation 6: displayed (and detected) as 100 x 60.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_jpeg(np.full((60, 100, 3), 128, np.uint8), exif=exif.tobytes()))
+    row = {"image_uri": str(path), "boxes": [[10.0, 20.0, 50.0, 90.0]], "scores": [0.87],
+           "label_names": ["cat"]}
+    picture = np.asarray(draw(row))
+    assert picture.shape == (100, 60, 3)  # H x W as the pipeline decodes it
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+    assert red[20:91, 10].all() and red[90, 10:51].all()  # the box's left and bottom edges
+    assert not red[:, 55:].any()  # nothing right of the box
+    assert abs(int(picture[60, 30].mean()) - 128) <= 3  # inside the box: the photo as it was
+    png = imaging.encode_png(draw({**row, "boxes": []}))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))),
+                          np.asarray(imaging.open_rgb(path.read_bytes())))
+    thumb = Image.open(io.BytesIO(imaging.thumbnail_jpeg(draw(row), max_side=50)))
+    assert thumb.format == "JPEG" and thumb.size == (30, 50)

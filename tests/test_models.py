@@ -73,3 +73,38 @@ def test_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(WeightsError, match="cannot load .* safely"):
         load_model(SMALL, ResolvedWeights(str(evil), str(evil), "evil.pth", "0"), 0.5)
     assert not os.path.exists("/tmp/detectflow-pwned")
+
+
+def test_category_table_is_each_supported_models_own():
+    from typing import get_args
+
+    from torchvision.models import get_model_weights
+
+    from detectflow.config import ModelName
+
+    for name in get_args(ModelName):
+        assert models.categories(name) == get_model_weights(name).DEFAULT.meta["categories"]
+
+
+def test_versions_are_read_with_their_build_tag_without_importing():
+    import torchvision
+
+    from detectflow.publish import installed_version
+
+    assert installed_version("torch") == torch.__version__
+    assert installed_version("torchvision") == torchvision.__version__
+
+
+def test_the_flow_and_its_task_workers_never_import_torch():
+    """Only decode tasks and inference actors need torch; the CLI, the flow and the Prefect task
+    workers import the whole DAG without it (seconds of CPU each on a small machine)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, detectflow.cli, flows.detect_objects, detectflow.pipeline, "
+            "detectflow.preflight, detectflow.publish as p; p.versions(); "
+            "from detectflow.models import resolve_weights, categories; categories('ssd300_vgg16');"
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
