@@ -26,7 +26,8 @@ def load_inputs(images_dir: Path, device: str, count: int) -> list[torch.Tensor]
     from detectflow.imaging import decode
 
     paths = sorted(images_dir.glob("*.jpg"))[:count]
-    return [decode(p.read_bytes()).to(device).float().div_(255) for p in paths]
+    return [torch.from_numpy(decode(p.read_bytes())).to(device).float().div_(255)
+            for p in paths]
 
 
 def load_net(model: str, weights: str | None, score_threshold: float, device: str):

@@ -5,9 +5,10 @@
 ``Detector`` loads the model once per actor, turns uint8 into the model's float input on its own
 device (the weights' own ``transforms()``), and returns rows without pixels.
 
-torch is imported inside the functions that use it: the process that builds the pipeline (a
-Prefect task worker) only needs these names, and importing torch + torchvision there costs
-seconds of CPU the decoders and actors need (benchmarks/RESULTS.md, Start-up).
+torch is imported inside the actor's methods only: the process that builds the pipeline (a
+Prefect task worker) only needs these names, and the decode tasks decode with Pillow into numpy;
+importing torch + torchvision costs each process seconds of CPU and hundreds of MiB
+(benchmarks/RESULTS.md, Start-up).
 """
 
 from __future__ import annotations
@@ -54,19 +55,19 @@ def decode_one(uri: str, max_side: int, ship_jpeg: bool = False) -> dict[str, An
         if ship_jpeg and (size := imaging.plain_jpeg_size(data, max_side)):
             return {"encoded": data, "height": size[0], "width": size[1],
                     "orig_height": size[0], "orig_width": size[1], "error": None}
-        image = imaging.decode(data)
+        image = imaging.open_rgb(data)
     except imaging.DecodeError as exc:
         return {"error": str(exc)}
     except FileNotFoundError:
         return {"error": "file not found"}
     except Exception as exc:  # unreadable file, permission, I/O: recorded, never fatal
         return {"error": f"cannot read image: {type(exc).__name__}: {exc}"[:300]}
-    orig_h, orig_w = image.shape[-2:]
-    image = imaging.limit_size(image, max_side)
+    orig_h, orig_w = image.height, image.width
+    pixels = imaging.to_chw(imaging.limit_size(image, max_side))
     return {
-        "pixels": image.numpy().tobytes(),
-        "height": image.shape[-2],
-        "width": image.shape[-1],
+        "pixels": pixels.tobytes(),
+        "height": pixels.shape[-2],
+        "width": pixels.shape[-1],
         "orig_height": orig_h,
         "orig_width": orig_w,
         "error": None,
@@ -234,7 +235,7 @@ class Detector:
                 out.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device))
             except Exception:
                 try:
-                    out.append(imaging.decode(raw.numpy().tobytes()))
+                    out.append(torch.from_numpy(imaging.decode(raw.numpy().tobytes())))
                 except imaging.DecodeError as exc:
                     out.append(str(exc))
         return out

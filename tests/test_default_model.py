@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from parity import assert_same_detections
+from torchvision.io import ImageReadMode, decode_image
 
 from detectflow import models
 from detectflow.config import DEFAULT_MODEL
-from detectflow.imaging import decode
 from flows.detect_objects import detect_objects
 
 
@@ -35,7 +35,8 @@ def test_default_model_runs_end_to_end_with_parity(ray_local, prefect_api, defau
 
     direct = models.load_model(DEFAULT_MODEL, models.resolve_weights(DEFAULT_MODEL, str(weights)),
                                score_threshold=0.3)
-    image = decode((images / "chelsea.jpg").read_bytes())
+    image = decode_image(str(images / "chelsea.jpg"), mode=ImageReadMode.RGB,
+                         apply_exif_orientation=True)  # torchvision's decoder, not ours
     with torch.inference_mode():
         ref = direct([models.default_weights(DEFAULT_MODEL).transforms()(image)])[0]
     assert len(ref["boxes"]) > 0

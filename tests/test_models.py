@@ -95,16 +95,19 @@ def test_versions_are_read_with_their_build_tag_without_importing():
     assert installed_version("torchvision") == torchvision.__version__
 
 
-def test_the_flow_and_its_task_workers_never_import_torch():
-    """Only decode tasks and inference actors need torch; the CLI, the flow and the Prefect task
-    workers import the whole DAG without it (seconds of CPU each on a small machine)."""
+def test_the_flow_its_task_workers_and_decode_tasks_never_import_torch(sample_dir):
+    """Only the inference actors need torch; the CLI, the flow, the Prefect task workers and the
+    decode tasks do their work without it (seconds of CPU and hundreds of MiB per process)."""
     import subprocess
     import sys
 
-    code = ("import sys, detectflow.cli, flows.detect_objects, detectflow.pipeline, "
-            "detectflow.preflight, detectflow.publish as p; p.versions(); "
-            "from detectflow.models import resolve_weights, categories; categories('ssd300_vgg16');"
+    code = ("import sys, pyarrow as pa, detectflow.cli, flows.detect_objects, detectflow.pipeline,"
+            " detectflow.preflight, detectflow.publish as p; p.versions(); "
+            "from detectflow.predictor import decode_batch; "
+            "from detectflow.models import categories; categories('ssd300_vgg16'); "
+            f"t = decode_batch(pa.table({{'image_uri': [{str(sample_dir / 'chelsea.jpg')!r}], "
+            "'index': [0], 'shard': [0]}), max_side=4000); assert t['error'][0].as_py() is None; "
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True)
-    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

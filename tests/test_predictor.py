@@ -163,7 +163,7 @@ def test_images_of_one_aspect_ratio_batch_together_with_per_image_results(detect
 
     from detectflow.imaging import decode
 
-    small = decode((sample_dir / "chelsea.jpg").read_bytes())
+    small = torch.from_numpy(decode((sample_dir / "chelsea.jpg").read_bytes()))
     large = F.resize(small, [600, 902], antialias=True)
     calls = []
     forward = detector._forward
