@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 
+MAX_PIXELS = 1_000_000_000  # larger images are recorded as failed rows, not decoded
+
+
 class DecodeError(ValueError):
     """The bytes are not an image we can read; the message is the short reason stored per row."""
 
@@ -35,6 +38,10 @@ def open_rgb(data: bytes) -> PILImage.Image:
 
     if not data:
         raise DecodeError("empty file")
+    # Pillow refuses images over 2 x 89 MP as possible decompression bombs; scans and panoramas
+    # get there. Read up to 1 gigapixel (3 GiB decoded), as torchvision's decoder did before it.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS // 2:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -103,3 +103,26 @@ def test_drawn_sample_is_the_oriented_original_with_red_boxes(tmp_path):
                           np.asarray(imaging.open_rgb(path.read_bytes())))
     thumb = Image.open(io.BytesIO(imaging.thumbnail_jpeg(draw(row), max_side=50)))
     assert thumb.format == "JPEG" and thumb.size == (30, 50)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (8-bit grey) and holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_images_up_to_a_gigapixel_are_read_larger_ones_refused():
+    # 200 MP is past Pillow's own bomb limit (179 MP) but ours reads it: what fails is the
+    # missing pixel data, not the size.
+    with pytest.raises(imaging.DecodeError) as read:
+        imaging.decode(_png_header_only(20_000, 10_000))
+    assert "DecompressionBomb" not in str(read.value)
+    with pytest.raises(imaging.DecodeError, match="DecompressionBombError"):
+        imaging.decode(_png_header_only(40_000, 30_000))
