@@ -230,12 +230,12 @@ class Detector:
         except Exception:
             pass
         out: list[torch.Tensor | str] = []
-        for raw in raws:
+        for raw, blob in zip(raws, blobs):
             try:
                 out.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device))
             except Exception:
                 try:
-                    out.append(torch.from_numpy(imaging.decode(raw.numpy().tobytes())))
+                    out.append(torch.from_numpy(imaging.decode(bytes(blob))))
                 except imaging.DecodeError as exc:
                     out.append(str(exc))
         return out
