@@ -99,24 +99,27 @@ def main(argv: list[str] | None = None) -> int:
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
     try:
         runs = variants(args.device, args.variants)
-        limits: dict[str, float] = {}
+        limits: dict[tuple, float] = {}
         if "limit" not in skip:
             from benchmarks.limit import run_limit
 
             batches = (1, 2, 4, 8, 16) if args.device == "cuda" else (1, 2, 4, 8)
-            for precision in precisions(ours, runs):
-                lim = attempt(notes, f"limit {precision}", run_limit, images, model, weights,
+            for setting in model_settings(ours, runs):
+                label = setting_label(setting)
+                precision, channels_last, cudnn_benchmark = setting
+                lim = attempt(notes, f"limit {label}", run_limit, images, model, weights,
                               args.score_threshold, args.device, batch_sizes=batches,
-                              sweep_images=min(args.n, 96), precision=precision)
+                              sweep_images=min(args.n, 96), precision=precision,
+                              channels_last=channels_last, cudnn_benchmark=cudnn_benchmark)
                 if lim is None:
                     continue
-                limits[precision] = lim["rate"]
-                notes.append(f"limit ({precision}) images/s: " + "; ".join(
+                limits[setting] = lim["rate"]
+                notes.append(f"limit ({label}) images/s: " + "; ".join(
                     f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
-                emit(rows, Row(f"limit (bare model, {precision}: {lim['best']})", lim["images"],
+                emit(rows, Row(f"limit (bare model, {label}: {lim['best']})", lim["images"],
                                lim["images"] / lim["rate"], lim["rate"], lim["rate"],
                                lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"]))
-            limit_rate = limits.get(ours.get("precision", "fp32"))
+            limit_rate = limits.get(model_setting(ours))
         if {"reference", "detect"} - skip:
             rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache,
                                runs, limits)
@@ -163,18 +166,31 @@ def attempt(notes: list[str], name: str, fn, *args, **kwargs):
         return None
 
 
-def precisions(ours: dict, runs: list[tuple[str, dict]]) -> list[str]:
-    """The precisions the bare model is measured at: ours', then any a variant uses."""
-    seen = [ours.get("precision", "fp32")]
+def model_setting(params: dict) -> tuple[str, bool, bool]:
+    """What changes the bare model's own speed (so each gets its own bound): precision, layout,
+    cuDNN's algorithm search."""
+    return (params.get("precision", "fp32"), bool(params.get("channels_last")),
+            bool(params.get("cudnn_benchmark")))
+
+
+def setting_label(setting: tuple[str, bool, bool]) -> str:
+    precision, channels_last, cudnn_benchmark = setting
+    return ", ".join([precision] + ["channels-last"] * channels_last
+                     + ["cudnn benchmark"] * cudnn_benchmark)
+
+
+def model_settings(ours: dict, runs: list[tuple[str, dict]]) -> list[tuple[str, bool, bool]]:
+    """The settings the bare model is measured at: ours', then any a variant uses."""
+    seen = [model_setting(ours)]
     for _, extra in runs:
-        if (p := extra.get("precision", seen[0])) not in seen:
-            seen.append(p)
+        if (setting := model_setting({**ours, **extra})) not in seen:
+            seen.append(setting)
     return seen
 
 
 def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, ours: dict,
                skip: set[str], notes: list[str], cache: Path, runs: list[tuple[str, dict]],
-               limits: dict[str, float]) -> list:
+               limits: dict[tuple, float]) -> list:
     """Reference and our detect stage on one local Ray (start-up not timed)."""
     import ray
 
@@ -222,20 +238,22 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
                 notes.append(f"ours ({name}) {n} images: {det['plan'].describe()}; "
                              f"{det['detections']} boxes, {det['failed']} failed")
                 emit(rows, _ray_row(f"ours: detect stage ({name})", det,
-                                    limits.get(params.get("precision", "fp32"))))
+                                    limits.get(model_setting(params))))
     finally:
         ray.shutdown()
     return rows
 
 
-# The levers measured against the defaults (batch 16 per GPU actor, fp32, CPU decode) on a GPU;
-# benchmarks/RESULTS.md has what each gave on an H100.
+# The levers measured against the defaults (batch 16 per GPU actor, fp32, CPU decode) on a GPU.
+# Batch 4, fp16 alone, GPU decode alone and 2 fp32 actors per GPU were measured on an H100 and
+# are in benchmarks/RESULTS.md (pass them with --variant to measure them again).
+_TUNED = "channels_last=true,cudnn_benchmark=true"
 GPU_LEVERS = (
-    "batch 4:batch_size=4",
-    "fp16:precision=fp16",  # bf16 is left out: it matches fp32 too poorly (RESULTS.md)
-    "gpu decode:gpu_decode=true",
-    "2 actors per GPU:gpus_per_actor=0.5",
-    "fp16 + gpu decode:precision=fp16,gpu_decode=true",
+    f"channels-last + cudnn benchmark:{_TUNED}",
+    "fp16 + gpu decode:precision=fp16,gpu_decode=true",  # bf16 matches fp32 too poorly
+    f"fp16 + gpu decode + channels-last + cudnn benchmark:precision=fp16,gpu_decode=true,{_TUNED}",
+    "fp16 + gpu decode + channels-last + cudnn benchmark, 2 actors per GPU:"
+    f"precision=fp16,gpu_decode=true,{_TUNED},gpus_per_actor=0.5",
 )
 
 

@@ -106,6 +106,16 @@ GpuDecode = Annotated[
     Field(description="GPU actors decode plain JPEGs themselves with nvJPEG (CPU tasks only read "
                       "the bytes); other images are decoded on CPU as usual."),
 ]
+ChannelsLast = Annotated[
+    bool,
+    Field(description="GPU actors run the model in the channels-last (NHWC) layout that tensor "
+                      "cores read natively; the weights and boxes are the same model's."),
+]
+CudnnBenchmark = Annotated[
+    bool,
+    Field(description="GPU actors let cuDNN time its convolution algorithms once per input shape "
+                      "and keep the fastest (pays off when most batches share a shape)."),
+]
 
 
 def new_run_id() -> str:
@@ -133,6 +143,8 @@ class RunConfig(BaseModel):
     device: Device = "auto"
     precision: Precision = "fp32"
     gpu_decode: GpuDecode = False
+    channels_last: ChannelsLast = False
+    cudnn_benchmark: CudnnBenchmark = False
     num_actors: NumActors = None
     max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0

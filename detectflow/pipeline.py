@@ -295,6 +295,8 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
             "num_gpus": plan.gpus_per_actor,
             "device": cfg.device,
             "precision": cfg.precision,
+            "channels_last": cfg.channels_last,
+            "cudnn_benchmark": cfg.cudnn_benchmark,
             "cpu_threads": actor_threads(plan),
         },
         batch_size=plan.batch_size,

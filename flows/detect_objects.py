@@ -50,6 +50,8 @@ def detect_objects(
     device: t.Device = D["device"],
     precision: t.Precision = D["precision"],
     gpu_decode: t.GpuDecode = D["gpu_decode"],
+    channels_last: t.ChannelsLast = D["channels_last"],
+    cudnn_benchmark: t.CudnnBenchmark = D["cudnn_benchmark"],
     num_actors: t.NumActors = D["num_actors"],
     max_actors: t.MaxActors = D["max_actors"],
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],

@@ -25,7 +25,7 @@ def test_a_row_with_its_own_bound_is_compared_with_it():
 
 
 def test_lever_variants_parse_and_pick_the_bounds_to_measure():
-    from benchmarks.run import GPU_LEVERS, parse_variant, precisions, variants
+    from benchmarks.run import GPU_LEVERS, model_settings, parse_variant, setting_label, variants
 
     assert parse_variant("fp16, batch 16:precision=fp16,batch_size=16") == (
         "fp16, batch 16", {"precision": "fp16", "batch_size": 16})
@@ -33,5 +33,8 @@ def test_lever_variants_parse_and_pick_the_bounds_to_measure():
     assert gpu[0] == ("defaults", {}) and len(gpu) == 1 + len(GPU_LEVERS)
     assert variants("cpu", ["gpu decode:gpu_decode=true"])[1] == ("gpu decode",
                                                                   {"gpu_decode": True})
-    assert precisions({}, gpu) == ["fp32", "fp16"]
-    assert precisions({"precision": "fp16"}, [("x", {"precision": "fp32"})]) == ["fp16", "fp32"]
+    assert [s[0] for s in model_settings({}, gpu)][:2] == ["fp32", "fp16"]
+    assert model_settings({"precision": "fp16"}, [("x", {"precision": "fp32"})]) == [
+        ("fp16", False, False), ("fp32", False, False)]
+    tuned = model_settings({}, [("x", {"channels_last": True, "cudnn_benchmark": True})])
+    assert [setting_label(s) for s in tuned] == ["fp32", "fp32, channels-last, cudnn benchmark"]
