@@ -84,15 +84,15 @@ def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: 
 
 def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold: float,
               device: str, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
-              sweep_images: int = 48, precision: str = "fp32", channels_last: bool = False,
-              cudnn_benchmark: bool = False) -> dict[str, Any]:
+              sweep_images: int = 48, precision: str = "fp32",
+              channels_last: bool = False) -> dict[str, Any]:
     """Images/s for each way of running the bare loop, and the best of them (with the same GPU
     kernel choices as the actors: ``predictor.tune_for_device``)."""
     from detectflow.predictor import tune_for_device
 
     with MemorySampler() as mem:
         net = tune_for_device(load_net(model, weights, score_threshold, device), device,
-                              channels_last, cudnn_benchmark)
+                              channels_last)
         inputs = load_inputs(images_dir, device, sweep_images)
         threads = torch.get_num_threads()
         where = "GPU" if device == "cuda" else f"1 proc x {threads} threads"

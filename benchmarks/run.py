@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             batches = (1, 2, 4, 8, 16) if args.device == "cuda" else (1, 2, 4, 8)
             for setting in model_settings(ours, runs):
                 label = setting_label(setting)
-                precision, channels_last, cudnn_benchmark = setting
+                precision, channels_last = setting
                 lim = attempt(notes, f"limit {label}", run_limit, images, model, weights,
                               args.score_threshold, args.device, batch_sizes=batches,
                               sweep_images=min(args.n, 96), precision=precision,
-                              channels_last=channels_last, cudnn_benchmark=cudnn_benchmark)
+                              channels_last=channels_last)
                 if lim is None:
                     continue
                 limits[setting] = lim["rate"]
@@ -166,20 +166,18 @@ def attempt(notes: list[str], name: str, fn, *args, **kwargs):
         return None
 
 
-def model_setting(params: dict) -> tuple[str, bool, bool]:
-    """What changes the bare model's own speed (so each gets its own bound): precision, layout,
-    cuDNN's algorithm search."""
-    return (params.get("precision", "fp32"), bool(params.get("channels_last")),
-            bool(params.get("cudnn_benchmark")))
+def model_setting(params: dict) -> tuple[str, bool]:
+    """What changes the bare model's own speed, so that each gets its own bound: precision and
+    memory layout."""
+    return params.get("precision", "fp32"), bool(params.get("channels_last"))
 
 
-def setting_label(setting: tuple[str, bool, bool]) -> str:
-    precision, channels_last, cudnn_benchmark = setting
-    return ", ".join([precision] + ["channels-last"] * channels_last
-                     + ["cudnn benchmark"] * cudnn_benchmark)
+def setting_label(setting: tuple[str, bool]) -> str:
+    precision, channels_last = setting
+    return precision + ", channels-last" * channels_last
 
 
-def model_settings(ours: dict, runs: list[tuple[str, dict]]) -> list[tuple[str, bool, bool]]:
+def model_settings(ours: dict, runs: list[tuple[str, dict]]) -> list[tuple[str, bool]]:
     """The settings the bare model is measured at: ours', then any a variant uses."""
     seen = [model_setting(ours)]
     for _, extra in runs:
@@ -245,15 +243,18 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
 
 
 # The levers measured against the defaults (batch 16 per GPU actor, fp32, CPU decode) on a GPU.
-# Batch 4, fp16 alone, GPU decode alone and 2 fp32 actors per GPU were measured on an H100 and
-# are in benchmarks/RESULTS.md (pass them with --variant to measure them again).
-_TUNED = "channels_last=true,cudnn_benchmark=true"
+# Batch 4, fp16 alone, GPU decode alone, 2 actors per GPU and cuDNN's benchmark mode were
+# measured on an H100/H200 and are in benchmarks/RESULTS.md (--variant measures any again).
 GPU_LEVERS = (
-    f"channels-last + cudnn benchmark:{_TUNED}",
-    "fp16 + gpu decode:precision=fp16,gpu_decode=true",  # bf16 matches fp32 too poorly
-    f"fp16 + gpu decode + channels-last + cudnn benchmark:precision=fp16,gpu_decode=true,{_TUNED}",
-    "fp16 + gpu decode + channels-last + cudnn benchmark, 2 actors per GPU:"
-    f"precision=fp16,gpu_decode=true,{_TUNED},gpus_per_actor=0.5",
+    "channels-last:channels_last=true",
+    "2 streams:gpu_streams=2",
+    "channels-last, 2 streams:channels_last=true,gpu_streams=2",
+    # fp16 + gpu decode alone: RESULTS.md; bf16 matches fp32 too poorly to be worth measuring
+    "fp16 + gpu decode, channels-last:precision=fp16,gpu_decode=true,channels_last=true",
+    "fp16 + gpu decode, channels-last, 2 streams:"
+    "precision=fp16,gpu_decode=true,channels_last=true,gpu_streams=2",
+    "fp16 + gpu decode, channels-last, 3 streams:"
+    "precision=fp16,gpu_decode=true,channels_last=true,gpu_streams=3",
 )
 
 

@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPU actors decode plain JPEGs (nvJPEG); decode tasks only read bytes")
     run.add_argument("--channels-last", action="store_true",
                      help="GPU actors run the model in the channels-last (NHWC) layout")
-    run.add_argument("--cudnn-benchmark", action="store_true",
-                     help="GPU actors let cuDNN pick the fastest convolutions per input shape")
+    run.add_argument("--gpu-streams", type=int, default=D["gpu_streams"],
+                     help="batches each GPU actor runs at once, one CUDA stream each (default 1)")
     run.add_argument("--num-actors", type=int, default=None,
                      help="inference actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--max-actors", type=int, default=None,

@@ -111,10 +111,12 @@ ChannelsLast = Annotated[
     Field(description="GPU actors run the model in the channels-last (NHWC) layout that tensor "
                       "cores read natively; the weights and boxes are the same model's."),
 ]
-CudnnBenchmark = Annotated[
-    bool,
-    Field(description="GPU actors let cuDNN time its convolution algorithms once per input shape "
-                      "and keep the fastest (pays off when most batches share a shape)."),
+GpuStreams = Annotated[
+    int,
+    Field(ge=1, le=8,
+          description="Batches each GPU actor runs at once, each on its own CUDA stream: one "
+                      "batch's serial steps (NMS runs on one GPU core) overlap another's "
+                      "convolutions."),
 ]
 
 
@@ -144,7 +146,7 @@ class RunConfig(BaseModel):
     precision: Precision = "fp32"
     gpu_decode: GpuDecode = False
     channels_last: ChannelsLast = False
-    cudnn_benchmark: CudnnBenchmark = False
+    gpu_streams: GpuStreams = 1
     num_actors: NumActors = None
     max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0

@@ -58,6 +58,7 @@ class ResourcePlan:
     decode_tasks: int = 1
     object_store_bytes: int | None = None  # Ray Data's budget for this dataset; None: Ray's own
     gpu_decode: bool = False  # plain JPEGs shipped encoded and decoded by the GPU actors
+    streams: int = 1  # batches each actor runs at once (GPU actors: one CUDA stream each)
 
     def describe(self) -> str:
         pool = (f"{self.num_actors}-{self.max_actors}" if self.max_actors != self.num_actors
@@ -70,15 +71,21 @@ class ResourcePlan:
             + (f"; object store <= {self.object_store_bytes >> 20} MiB"
                if self.object_store_bytes else "")
             + ("; plain JPEGs decoded on the GPU" if self.gpu_decode else "")
+            + (f"; {self.streams} batches at once per actor" if self.streams > 1 else "")
         )
 
     def actor_pool(self):
         """Ray Data's compute strategy for the inference actors: fixed, or min-max."""
         import ray.data
 
+        # Several batches at once per actor need Ray Data's threaded actors: the UDF itself runs
+        # concurrently (each thread on its own CUDA stream), not only its input batching.
+        streams = ({"max_concurrent_calls_per_actor": self.streams,
+                    "enable_true_multi_threading": True} if self.streams > 1 else {})
         if self.max_actors == self.num_actors:
-            return ray.data.ActorPoolStrategy(size=self.num_actors)
-        return ray.data.ActorPoolStrategy(min_size=self.num_actors, max_size=self.max_actors)
+            return ray.data.ActorPoolStrategy(size=self.num_actors, **streams)
+        return ray.data.ActorPoolStrategy(min_size=self.num_actors, max_size=self.max_actors,
+                                          **streams)
 
 
 def _pool_bounds(cfg: RunConfig, default: int) -> tuple[int, int]:
@@ -129,6 +136,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         nodes=nodes, max_actors=high, decode_tasks=int(left // cfg.decode_cpus),
         object_store_bytes=object_store_budget(cfg, high, cluster.get("object_store_memory")),
         gpu_decode=cfg.gpu_decode and device == "cuda",
+        streams=cfg.gpu_streams if device == "cuda" else 1,
     )
 
 
@@ -296,7 +304,6 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
             "device": cfg.device,
             "precision": cfg.precision,
             "channels_last": cfg.channels_last,
-            "cudnn_benchmark": cfg.cudnn_benchmark,
             "cpu_threads": actor_threads(plan),
         },
         batch_size=plan.batch_size,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -143,19 +144,15 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def tune_for_device(model: Any, device: str, channels_last: bool = False,
-                    cudnn_benchmark: bool = False) -> Any:
-    """GPU kernel choices that change speed, not the model: convolutions in the channels-last
-    layout tensor cores read natively (the weights are reordered, not changed), and cuDNN's
-    timed search for each input shape's fastest algorithms (a one-off cost per shape). Boxes
-    differ from the defaults only by float rounding; the benchmark measures both.
-    """
-    if device != "cuda":
+def tune_for_device(model: Any, device: str, channels_last: bool = False) -> Any:
+    """On a GPU, convolutions in the channels-last layout that tensor cores read natively: the
+    weights are reordered, not changed, and boxes differ only by float rounding (measured in
+    benchmarks/RESULTS.md, with the speed-up)."""
+    if device != "cuda" or not channels_last:
         return model
     import torch
 
-    torch.backends.cudnn.benchmark = cudnn_benchmark
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model.to(memory_format=torch.channels_last)
 
 
 class Detector:
@@ -172,7 +169,6 @@ class Detector:
         cpu_threads: int = 1,
         precision: str = "fp32",
         channels_last: bool = False,
-        cudnn_benchmark: bool = False,
     ) -> None:
         self.model_name = model
         self.run_id = run_id
@@ -185,7 +181,8 @@ class Detector:
         resolved = models.resolve_weights(model, weights, checksum=False)
         self.model = tune_for_device(
             models.load_model(model, resolved, score_threshold, self.device), self.device,
-            channels_last, cudnn_benchmark)
+            channels_last)
+        self._local = threading.local()  # each thread's CUDA stream (``gpu_streams`` > 1)
         self.transforms = models.default_weights(model).transforms()
         self.categories = models.categories(model)
         self.precision = precision
@@ -284,13 +281,26 @@ class Detector:
                 out[i] = image
         return out
 
+    def _stream(self):
+        """This thread's own CUDA stream on a GPU (Ray Data runs ``gpu_streams`` batches at once
+        in threads of this actor): copies, decoding and the model's kernels of one batch queue
+        there, so another batch's kernels fill the GPU while this one runs its serial steps."""
+        if self.device != "cuda":
+            return contextlib.nullcontext()
+        import torch
+
+        if (stream := getattr(self._local, "stream", None)) is None:
+            stream = self._local.stream = torch.cuda.Stream()
+        return torch.cuda.stream(stream)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         skip = ("pixels", "encoded")
         cols = {name: batch.column(name).to_pylist() for name in batch.column_names
                 if name not in skip}
-        inputs = self._inputs(batch, cols)
-        ok = [i for i, image in inputs.items() if not isinstance(image, str)]
-        predictions = dict(zip(ok, self.predict([inputs[i] for i in ok])))
+        with self._stream():
+            inputs = self._inputs(batch, cols)
+            ok = [i for i, image in inputs.items() if not isinstance(image, str)]
+            predictions = dict(zip(ok, self.predict([inputs[i] for i in ok])))
         predictions.update({i: {"error": reason} for i, reason in inputs.items()
                             if isinstance(reason, str)})
         rows = []
