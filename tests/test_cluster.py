@@ -65,6 +65,23 @@ def test_batch_size_and_gpu_decode_follow_the_device():
     assert not plan_resources(asked, {"CPU": 2}).gpu_decode  # CPU actors: decode tasks do it
 
 
+def test_gpu_actors_run_batches_on_several_streams():
+    """GPU actors run ``gpu_streams`` batches at once (threaded actors, one CUDA stream per
+    thread: 1.26x on an H200, benchmarks/RESULTS.md); CPU actors one, as a core has one."""
+    gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 1})
+    assert gpu.streams == 2 and "2 batches at once per actor" in gpu.describe()
+    pool = gpu.actor_pool()
+    assert (pool.max_concurrent_calls_per_actor, pool.enable_true_multi_threading) == (2, True)
+    elastic = plan_resources(RunConfig(gpu_streams=3, max_actors=4), {"CPU": 16, "GPU": 2})
+    assert elastic.actor_pool().max_concurrent_calls_per_actor == 3
+    single = plan_resources(RunConfig(gpu_streams=1), {"CPU": 16, "GPU": 1}).actor_pool()
+    cpu = plan_resources(RunConfig(gpu_streams=3), {"CPU": 2})
+    assert cpu.streams == 1 and "at once" not in cpu.describe()
+    for plain in (single, cpu.actor_pool()):
+        assert plain.max_concurrent_calls_per_actor is None
+        assert not plain.enable_true_multi_threading
+
+
 def test_plan_takes_a_fixed_or_min_max_pool_when_given():
     fixed = plan_resources(RunConfig(num_actors=3), {"CPU": 8, "GPU": 8})
     assert (fixed.num_actors, fixed.max_actors) == (3, 3)

@@ -61,6 +61,19 @@ def test_detector_boxes_follow_cpu_downscaling(small_weights, sample_dir):
     assert small["boxes"] and max(b[2] for b in small["boxes"]) > 300  # not in 300-px space
 
 
+def test_detector_called_from_threads_at_once_gives_the_serial_rows(detector, sample_dir):
+    """Ray Data runs ``gpu_streams`` batches at once in threads of one actor, sharing its model:
+    concurrent calls must give exactly the rows that one call at a time gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris = [str(p) for p in sorted(sample_dir.glob("*.jpg"))]
+    batches = [decode_batch(_listing(uris[i::2]), max_side=4096) for i in range(2)] * 2
+    serial = [detector(b).to_pylist() for b in batches]
+    with ThreadPoolExecutor(len(batches)) as pool:
+        concurrent = [t.to_pylist() for t in pool.map(detector, batches)]
+    assert concurrent == serial and sum(len(r["boxes"]) for b in serial for r in b) > 0
+
+
 def test_failed_and_empty_rows_pass_through(detector, sample_dir, tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
