@@ -271,17 +271,31 @@ def actor_threads(plan: ResourcePlan) -> int:
     return max(1, int(plan.cpus_per_actor + plan.decode_cpus / max(1, plan.num_actors)))
 
 
+def read_listing(batch: pa.Table) -> pa.Table:
+    """Ray Data task UDF: listing-shard URIs → their rows.
+
+    The flow wrote these small files and knows their names: a task reads them, where
+    ``read_parquet`` would first start a pool of footer-reading actors (new worker processes,
+    seconds of CPU on a small machine, before the first image is decoded).
+    """
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in batch.column("listing").to_pylist():
+        filesystem, path = storage.arrow_fs(uri)
+        tables.append(pq.read_table(path, filesystem=filesystem))
+    return pa.concat_tables(tables)
+
+
 def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
-    filesystem, _ = storage.arrow_fs(listing_uris[0])
-    path = [storage.arrow_fs(uri)[1] for uri in listing_uris]
     # Small blocks: decode spreads over every CPU even within one listing shard, and results
     # (hence progress) stream back every few images instead of once per shard.
-    ds = ray.data.read_parquet(path, filesystem=filesystem).repartition(
-        target_num_rows_per_block=DECODE_BATCH
-    )
+    ds = ray.data.from_items([{"listing": uri} for uri in listing_uris]).map_batches(
+        read_listing, batch_size=1, batch_format="pyarrow"
+    ).repartition(target_num_rows_per_block=DECODE_BATCH)
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"max_side": cfg.max_image_side, "ship_jpeg": plan.gpu_decode},
