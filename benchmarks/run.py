@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
                 emit(rows, Row(f"limit (bare model, {label}: {lim['best']})", lim["images"],
                                lim["images"] / lim["rate"], lim["rate"], lim["rate"],
-                               lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"]))
+                               lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"],
+                               kind="bound"))
             limit_rate = limits.get(model_setting(ours))
         if {"reference", "detect"} - skip:
             rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache,
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k} {v:.1f}" for k, v in flow["timeline"].items()) + f", exit {flow['wall']:.1f}")
             rows.append(Row("ours: whole flow (detectflow run)", flow["images"], flow["wall"],
                             flow["images"] / flow["wall"], flow["images"] / flow["detect_seconds"],
-                            flow["peaks"].rss, flow["peaks"].pss, overhead=flow["overhead"]))
+                            flow["peaks"].rss, flow["peaks"].pss, overhead=flow["overhead"],
+                            kind="flow"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = format_table(rows, refs, limit_rate)

@@ -22,6 +22,9 @@ class Row:
     spilled: int | None = None
     overhead: float | None = None
     limit: float | None = None  # this row's own bound (e.g. the bare model at its precision)
+    # "pipeline" rows get every ratio; the bare model ("bound") only x limit; the whole flow
+    # ("flow": Prefect and Ray start-up included) none, the recipe has no such run to match.
+    kind: str = "pipeline"
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -38,7 +41,8 @@ def cells(row: Row, refs: dict[int, Row], limit: float | None) -> list[str]:
     over the same number of images; ``x limit`` compares with the bare model's steady rate."""
     speed = row.steady or row.rate
     limit = row.limit or limit
-    ref = refs.get(row.images)
+    ref = refs.get(row.images) if row.kind == "pipeline" else None
+    limit = limit if row.kind != "flow" else None
     ref_speed = (ref.steady or ref.rate) if ref else None
     return [
         row.pipeline, str(row.images), _num(row.wall, ".1f"), _num(row.rate, ".2f"),

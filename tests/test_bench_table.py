@@ -17,6 +17,17 @@ def test_table_ratios_use_steady_rates_and_mark_missing_values():
     assert md[0].startswith("| pipeline |") and md[1].count("---") == len(COLUMNS)
 
 
+def test_the_bound_and_the_whole_flow_get_no_ratio_to_the_recipe():
+    rows = [Row("limit", 96, 8.0, 12.0, 12.0, limit=12.0, kind="bound"),
+            Row("reference", 96, 40.0, 2.4, 4.0),
+            Row("flow", 96, 50.0, 1.9, 3.0, overhead=15.0, kind="flow")]
+    limit, ref, flow = (line.split() for line in format_table(rows, {96: rows[1]}, 12.0)
+                        .splitlines()[2:])
+    assert limit[5:8] == ["-", "-", "100%"]
+    assert ref[5:8] == ["1.00", "1.00", "33%"]
+    assert flow[5:8] == ["-", "-", "-"] and flow[-1] == "15.0"
+
+
 def test_a_row_with_its_own_bound_is_compared_with_it():
     """An fp16 row against the fp16 bare model, not the fp32 one the table defaults to."""
     rows = [Row("fp16", 96, 10.0, 9.0, 12.0, limit=16.0), Row("fp32", 96, 10.0, 9.0, 6.0)]
