@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.limit import load_inputs, load_net, loop
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # name → (precision, channels_last, cudnn_benchmark, tf32 matmuls)
@@ -32,30 +34,20 @@ SETTINGS = {
 
 def run_setting(net, inputs: list, batch: int, device: str, precision: str,
                 repeats: int = 2) -> tuple[float, list[dict]]:
-    """Best images/s over ``repeats`` timed passes (after a warm-up batch), and the last
-    pass's detections on the CPU."""
-    from detectflow.predictor import autocast
-
-    best, outs = 0.0, []
-    with torch.inference_mode(), autocast(device, precision):
-        for _ in range(2):  # warm-up: cuDNN's search, allocator, lazy inits
-            net(inputs[:batch])
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outs = []
-            for i in range(0, len(inputs), batch):
-                outs += net(inputs[i : i + batch])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, len(inputs) / (time.perf_counter() - start))
-    return best, [{k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
-                   for k, v in o.items()} for o in outs]
+    """Best images/s over ``repeats`` timed passes of the bare loop, and the last pass's
+    detections on the CPU."""
+    outs: list = []
+    seconds = min(loop(net, inputs, batch, device, precision, keep=outs if r == repeats - 1
+                       else None) for r in range(repeats))
+    return len(inputs) / seconds, [
+        {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+         for k, v in o.items()} for o in outs]
 
 
-def found_share(reference: list[dict], other: list[dict], min_iou: float = 0.9) -> float:
-    """Share of ``reference`` boxes that ``other`` also has: same label, IoU >= ``min_iou``."""
+def matched_share(reference: list[dict], other: list[dict],
+                  min_iou: float = 0.9) -> tuple[float, int]:
+    """Share of ``reference`` boxes that ``other`` also found (same label, IoU >= ``min_iou``),
+    and how many boxes ``reference`` has; boxes as lists or arrays."""
     from torchvision.ops import box_iou
 
     found = total = 0
@@ -66,7 +58,7 @@ def found_share(reference: list[dict], other: list[dict], min_iou: float = 0.9) 
         iou = box_iou(torch.tensor(ref["boxes"]), torch.tensor(oth["boxes"]))
         same = torch.tensor(ref["labels"])[:, None] == torch.tensor(oth["labels"])[None, :]
         found += int(((iou >= min_iou) & same).any(dim=1).sum())
-    return found / max(total, 1)
+    return found / max(total, 1), total
 
 
 def profile(net, inputs: list, batch: int, device: str, precision: str, rows: int) -> str:
@@ -95,7 +87,6 @@ def profile(net, inputs: list, batch: int, device: str, precision: str, rows: in
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.images import make_images
-    from benchmarks.limit import load_inputs, load_net
     from benchmarks.run import GPU_MODEL, SMALL_MODEL, pick_weights
     from detectflow.predictor import tune_for_device
 
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         rate, outs = run_setting(net, inputs, args.batch, args.device, precision)
         base_outs = base_outs if base_outs is not None else outs
         boxes = sum(len(o["boxes"]) for o in outs)
-        share = found_share(base_outs, outs)
+        share, _ = matched_share(base_outs, outs)
         results.append((name, rate, boxes, share))
         print(f"levers: {name:<40} {rate:8.2f} img/s  {boxes:6d} boxes  "
               f"{share:6.1%} of {only[0]}'s at IoU>=0.9", flush=True)

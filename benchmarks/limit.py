@@ -38,8 +38,9 @@ def load_net(model: str, weights: str | None, score_threshold: float, device: st
 
 
 def loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, device: str,
-         precision: str = "fp32") -> float:
-    """Seconds for one pass over ``inputs`` in batches of ``batch`` (after one warm-up batch)."""
+         precision: str = "fp32", keep: list | None = None) -> float:
+    """Seconds for one pass over ``inputs`` in batches of ``batch`` (after one warm-up batch);
+    the model's outputs are appended to ``keep`` when one is given."""
     from detectflow.predictor import autocast
 
     with torch.inference_mode(), autocast(device, precision):
@@ -48,7 +49,9 @@ def loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, device: s
             torch.cuda.synchronize()
         start = time.perf_counter()
         for i in range(0, len(inputs), batch):
-            net(inputs[i : i + batch])
+            outs = net(inputs[i : i + batch])
+            if keep is not None:
+                keep.extend(outs)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -40,9 +40,8 @@ def cells(row: Row, refs: dict[int, Row], limit: float | None) -> list[str]:
     wall`` wall rates (start-up included: what a user waits for), each with the reference run
     over the same number of images; ``x limit`` compares with the bare model's steady rate."""
     speed = row.steady or row.rate
-    limit = row.limit or limit
+    limit = (row.limit or limit) if row.kind != "flow" else None
     ref = refs.get(row.images) if row.kind == "pipeline" else None
-    limit = limit if row.kind != "flow" else None
     ref_speed = (ref.steady or ref.rate) if ref else None
     return [
         row.pipeline, str(row.images), _num(row.wall, ".1f"), _num(row.rate, ".2f"),

@@ -109,7 +109,7 @@ GpuDecode = Annotated[
 ChannelsLast = Annotated[
     bool,
     Field(description="GPU actors run the model in the channels-last (NHWC) layout that tensor "
-                      "cores read natively; the weights and boxes are the same model's."),
+                      "cores read natively: faster; boxes move by float rounding."),
 ]
 GpuStreams = Annotated[
     int,

@@ -3,6 +3,7 @@
 import pyarrow as pa
 import pytest
 
+from benchmarks.gpu_levers import matched_share
 from detectflow.predictor import Detector, decode_batch, group_by_shape
 from detectflow.schema import STAGED_SCHEMA
 
@@ -83,22 +84,6 @@ def test_failed_and_empty_rows_pass_through(detector, sample_dir, tmp_path):
     rows = strict(decoded).to_pylist()
     assert rows[0]["error"] == "empty file" and rows[0]["boxes"] == []
     assert rows[1]["error"] is None and rows[1]["boxes"] == [] and rows[1]["width"] == 640
-
-
-def matched_share(reference: list[dict], other: list[dict], min_iou: float) -> tuple[float, int]:
-    """Share of ``reference`` boxes that ``other`` also found: same label, IoU >= ``min_iou``."""
-    import torch
-    from torchvision.ops import box_iou
-
-    found = total = 0
-    for ref, oth in zip(reference, other):
-        total += len(ref["boxes"])
-        if not ref["boxes"] or not oth["boxes"]:
-            continue
-        iou = box_iou(torch.tensor(ref["boxes"]), torch.tensor(oth["boxes"]))
-        same = torch.tensor(ref["labels"])[:, None] == torch.tensor(oth["labels"])[None, :]
-        found += int(((iou >= min_iou) & same).any(dim=1).sum())
-    return found / max(total, 1), total
 
 
 def test_fp16_autocast_finds_the_fp32_boxes(detector, small_weights, sample_dir):
