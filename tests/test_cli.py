@@ -1,6 +1,8 @@
 """`detectflow run` as a user runs it: a fresh process, its own local Ray and Prefect API."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,12 @@ def _env(tmp_path: Path) -> dict[str, str]:
         HTTPS_PROXY="http://127.0.0.1:9",
     )
     return env
+
+
+def _stored_events(prefect_home: Path) -> dict[str, int]:
+    """Events the run's temporary API server stored, by name (its database outlives it)."""
+    with contextlib.closing(sqlite3.connect(prefect_home / "prefect.db")) as db:
+        return dict(db.execute("SELECT event, count(*) FROM events GROUP BY event").fetchall())
 
 
 def test_missing_pretrained_weights_fail_fast_with_one_line(tmp_path):
@@ -59,3 +67,6 @@ def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weight
     assert table.num_rows == 2
     assert (out / "cli-run" / "manifest.json").exists()
     assert len(list((out / "cli-run" / "samples").glob("*.png"))) == 2
+    events = _stored_events(tmp_path / "prefect-home")
+    assert events.get("prefect.flow-run.Running") == 1, events  # the run reported to its API...
+    assert "prefect.flow-run.heartbeat" not in events, events  # ...which dies with it: no beats
