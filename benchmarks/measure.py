@@ -1,8 +1,10 @@
 """Memory and object-store measurements taken while a pipeline runs.
 
-Sampled every 2 s: reading ``smaps_rollup`` of processes that map a large object store costs
-the kernel a page-table walk, and at the first 0.25 s period the sampler itself took ~40% of a
-core (py-spy: 78% of the benchmark driver's samples), slowing whatever it measured.
+The sampler must not slow what it measures on two cores. RSS comes from ``statm`` (the kernel's
+counters: 0.5 ms for a 14-process Ray tree) at every sample; PSS needs ``smaps_rollup``, a walk
+of each process's page tables: 115 ms of CPU for the same tree, measured, which at one sample per
+2 s took 3% of this 2-core machine from the pipeline it measured (py-spy: the benchmark driver's
+biggest cost). So PSS is taken while RSS grows, every 10 s once it is flat, and at the end.
 
 Peak memory is sampled in a thread over a process tree (the driver, or a child process, with
 every descendant: Ray's raylet, its workers and actors, Prefect's server). Two sums are kept:
@@ -40,24 +42,36 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _rss_pss(pid: int) -> tuple[int, int]:
-    rss = pss = 0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
-    except OSError:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
         pass
-    return rss, pss
+    return 0
 
 
-def tree_memory(root: int) -> tuple[int, int]:
-    """(RSS sum, PSS sum) in bytes over ``root`` and all its descendants."""
-    sums = [_rss_pss(pid) for pid in descendants(root)]
-    return sum(s[0] for s in sums), sum(s[1] for s in sums)
+def tree_rss(root: int) -> int:
+    """RSS sum in bytes over ``root`` and all its descendants (cheap: kernel counters)."""
+    return sum(_rss(pid) for pid in descendants(root))
+
+
+def tree_pss(root: int) -> int:
+    """PSS sum in bytes over ``root`` and all its descendants (a page-table walk per process)."""
+    return sum(_pss(pid) for pid in descendants(root))
 
 
 def object_store() -> tuple[int, int]:
@@ -82,19 +96,29 @@ class Peaks:
 
 
 class MemorySampler:
-    """Context manager: samples tree memory (and the object store, when ``ray``) every period."""
+    """Context manager: samples tree RSS (and the object store, when ``ray``) every ``period``
+    seconds; tree PSS when RSS has grown 5% since PSS was last taken, else every ``pss_period``
+    seconds, and once more at the end."""
 
-    def __init__(self, pid: int | None = None, period: float = 2.0, ray: bool = False) -> None:
+    def __init__(self, pid: int | None = None, period: float = 2.0, ray: bool = False,
+                 pss_period: float = 10.0) -> None:
         self.root = pid or os.getpid()
         self.period = period
+        self.pss_period = pss_period
         self.ray = ray
         self.peaks = Peaks()
         self._stop = threading.Event()
         self._spilled0 = 0
+        self._pss_rss, self._pss_at = 0, float("-inf")  # RSS and time when PSS was last taken
 
-    def _sample(self) -> None:
-        rss, pss = tree_memory(self.root)
-        self.peaks.rss, self.peaks.pss = max(self.peaks.rss, rss), max(self.peaks.pss, pss)
+    def _sample(self, final: bool = False) -> None:
+        rss = tree_rss(self.root)
+        self.peaks.rss = max(self.peaks.rss, rss)
+        now = time.monotonic()
+        since = now - self._pss_at
+        if final or since >= self.pss_period or rss > 1.05 * self._pss_rss:
+            self.peaks.pss = max(self.peaks.pss, tree_pss(self.root))
+            self._pss_rss, self._pss_at = rss, now
         if self.ray:
             try:
                 used, spilled = object_store()
@@ -117,7 +141,7 @@ class MemorySampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self._sample(final=True)
 
 
 class Clock:
