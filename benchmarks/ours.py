@@ -55,7 +55,8 @@ def run_whole_flow(images_dir: Path, work_dir: Path, model: str, weights: str | 
            str(score_threshold), "--device", device, "--run-id", "bench-flow", *extra]
     if weights:
         cmd += ["--weights", weights]
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    # As a user runs it: the flow turns Ray Data's progress bars off for its own dataset.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_DISABLE_PROGRESS_BARS"}
     log = log or work_dir / "flow.log"
     work_dir.mkdir(parents=True, exist_ok=True)
     start, started_at = time.perf_counter(), dt.datetime.now()

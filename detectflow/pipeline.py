@@ -326,7 +326,13 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
     )
-    if plan.object_store_bytes:  # this dataset's own copy of the Data context, nothing global
+    # Ray Data's progress bars are drawn for a terminal; from the Ray worker that runs the detect
+    # task they reach the user as hundreds of lines of escape codes (373 lines for 96 images,
+    # measured), more with every image. The detect task reports progress itself (a log line
+    # every 5 s and a Prefect progress artifact). Like the budget below, this changes only this
+    # dataset's own copy of the Data context.
+    ds.context.enable_progress_bars = False
+    if plan.object_store_bytes:
         options = ds.context.execution_options
         options.resource_limits = options.resource_limits.copy(
             object_store_memory=plan.object_store_bytes)

@@ -22,6 +22,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         https_proxy="http://127.0.0.1:9",  # downloads fail at once, online or not
         HTTPS_PROXY="http://127.0.0.1:9",
     )
+    env.pop("RAY_DATA_DISABLE_PROGRESS_BARS", None)  # conftest's; a user's shell has none
     return env
 
 
@@ -63,6 +64,7 @@ def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weight
     summary = "\n".join(lines[-25:])
     assert "run cli-run: 2 images, 2 ok, 0 failed" in summary and "images/s" in summary
     assert "detect: 2/2 images (100%)" in proc.stdout + proc.stderr  # progress was reported
+    assert "row/s" not in proc.stdout + proc.stderr  # by us: no terminal bars from a Ray worker
     table = pq.read_table(out / "cli-run" / "detections" / "part-00000.parquet")
     assert table.num_rows == 2
     assert (out / "cli-run" / "manifest.json").exists()
