@@ -64,16 +64,6 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def tree_rss(root: int) -> int:
-    """RSS sum in bytes over ``root`` and all its descendants (cheap: kernel counters)."""
-    return sum(_rss(pid) for pid in descendants(root))
-
-
-def tree_pss(root: int) -> int:
-    """PSS sum in bytes over ``root`` and all its descendants (a page-table walk per process)."""
-    return sum(_pss(pid) for pid in descendants(root))
-
-
 def object_store() -> tuple[int, int]:
     """(bytes in the local Ray object store now, bytes spilled so far); (0, 0) without Ray."""
     import ray
@@ -112,12 +102,13 @@ class MemorySampler:
         self._pss_rss, self._pss_at = 0, float("-inf")  # RSS and time when PSS was last taken
 
     def _sample(self, final: bool = False) -> None:
-        rss = tree_rss(self.root)
+        pids = descendants(self.root)  # one /proc scan serves both sums
+        rss = sum(_rss(pid) for pid in pids)
         self.peaks.rss = max(self.peaks.rss, rss)
         now = time.monotonic()
         since = now - self._pss_at
         if final or since >= self.pss_period or rss > 1.05 * self._pss_rss:
-            self.peaks.pss = max(self.peaks.pss, tree_pss(self.root))
+            self.peaks.pss = max(self.peaks.pss, sum(_pss(pid) for pid in pids))
             self._pss_rss, self._pss_at = rss, now
         if self.ray:
             try:
