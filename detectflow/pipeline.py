@@ -257,10 +257,6 @@ class ShardWriter:
         return {k: n - self.counts[k] for k, n in self.expected.items() if self.counts[k] != n}
 
 
-def _no_extra_args() -> dict:
-    return {}
-
-
 def actor_threads(plan: ResourcePlan) -> int:
     """Torch threads of a CPU actor: its own CPUs plus its share of decoding's.
 
@@ -302,10 +298,12 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         batch_size=DECODE_BATCH,
         batch_format="pyarrow",
         num_cpus=plan.decode_cpus,
-        # Ray Data would fuse this task into the inference actors (same remote args), decoding
-        # serially inside them; a remote-args function is its documented fusion barrier, so
-        # decoding runs on its own CPUs in parallel with inference.
-        ray_remote_args_fn=_no_extra_args,
+        # Ray Data fuses a task into the next actor pool when their remote args are equal (1 CPU
+        # each by default), and decoding would then run serially inside the actors. Stating
+        # Ray's default for task workers (reused without limit) makes the args differ, so
+        # decoding stays a task pool on its own CPUs, in parallel with inference. Ray 2.60
+        # deprecates the remote-args function that used to serve as this barrier.
+        max_calls=0,
     )
     ds = ds.map_batches(
         Detector,

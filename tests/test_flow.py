@@ -145,3 +145,22 @@ def test_parity_with_a_direct_per_image_model_call(run, small_weights):
         assert_same_detections(row, ref)
         compared += len(ref["boxes"])
     assert compared > 0
+
+
+@pytest.mark.parametrize("cpus", [None, 1.0])
+def test_decoding_is_not_fused_into_the_inference_actors(ray_local, tmp_path, capsys, cpus):
+    """Ray Data fuses a task into the next actor pool when their remote args match; decoding
+    would then run serially inside the actors instead of beside them. With 1 CPU for the actor
+    and 1 for decoding the args match except for the barrier ``build_dataset`` sets."""
+    from detectflow.config import RunConfig
+    from detectflow.pipeline import build_dataset, plan_resources
+
+    cfg = RunConfig(input_uri=str(tmp_path), output_uri=str(tmp_path / "o"),
+                    num_actors=1 if cpus else None, cpus_per_actor=cpus, decode_cpus=1.0)
+    plan = plan_resources(cfg, ray_local.cluster_resources())
+    assert cpus is None or plan.cpus_per_actor == plan.decode_cpus
+    build_dataset(cfg, [str(tmp_path / "listing-00000.parquet")], plan).explain()
+    physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1].splitlines()
+    operators = [line.strip("+- ") for line in physical[1:] if line.strip()]
+    assert operators[0] == "ActorPoolMapOperator[MapBatches(Detector)]"
+    assert operators[1] == "TaskPoolMapOperator[MapBatches(decode_batch)]"
