@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                 if lim is None:
                     continue
                 limits[setting] = lim["rate"]
-                notes.append(f"limit ({label}) images/s: " + "; ".join(
-                    f"{b}: {r:.2f}" for b, r in lim["rates"].items()))
+                notes.append(f"limit ({label}) images/s, sweep: " + "; ".join(
+                    f"{b}: {r:.2f}" for b, r in lim["rates"].items()) + "; best measured again: "
+                    + ", ".join(f"{r:.2f}" for r in lim["again"]))
                 emit(rows, Row(f"limit (bare model, {label}: {lim['best']})", lim["images"],
                                lim["images"] / lim["rate"], lim["rate"], lim["rate"],
                                lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"],

@@ -19,7 +19,6 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_var, None)
 
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
@@ -28,6 +27,8 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+
+from ray_nodes import free_port  # noqa: E402,F401 - tests import it from here
 
 SMALL_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -73,12 +74,6 @@ def prefect_api():
 # Our own opener: urllib's global one keeps the proxy settings of its first use (a test points
 # proxies at a closed port to make a weights download fail at once).
 LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

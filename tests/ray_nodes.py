@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,9 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port
-
 RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -30,7 +35,8 @@ class LocalCluster:
 
     nodes: int = 2
     cpus_per_node: int = 1
-    object_store_bytes: int = 100 * 1024 * 1024
+    gpus_per_node: int = 0
+    object_store_bytes: int | None = 100 * 1024 * 1024  # None: Ray's default share of memory
     # Short on purpose: Ray's unix sockets live under it and paths are capped at 107 bytes.
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dfc-", dir="/tmp"))
     procs: list[subprocess.Popen] = field(default_factory=list)
@@ -51,8 +57,7 @@ class LocalCluster:
         index = len(self.procs)
         args = [
             RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={self.cpus_per_node}", "--num-gpus=0",
-            f"--object-store-memory={self.object_store_bytes}",
+            f"--num-cpus={self.cpus_per_node}", f"--num-gpus={self.gpus_per_node}",
             f"--temp-dir={self.temp_dir}",
             # Every per-node port is explicit: two raylets on one host must not share one.
             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
@@ -60,6 +65,8 @@ class LocalCluster:
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
         ]
+        if self.object_store_bytes is not None:
+            args.append(f"--object-store-memory={self.object_store_bytes}")
         if head:
             self.gcs_port, self.dashboard_port = free_port(), free_port()
             args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
