@@ -28,18 +28,19 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def descendants(root: int) -> list[int]:
-    """``root`` and every process below it (Linux /proc; psutil is not installed here)."""
+def descendants(*roots: int) -> list[int]:
+    """``roots`` and every process below them (Linux /proc; psutil is not installed here)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit() and (ppid := _ppid(int(name))) is not None:
             children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
+    out, todo = set(), list(roots)
     while todo:
         pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(out)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -91,8 +92,8 @@ class MemorySampler:
     seconds, and once more at the end."""
 
     def __init__(self, pid: int | None = None, period: float = 2.0, ray: bool = False,
-                 pss_period: float = 10.0) -> None:
-        self.root = pid or os.getpid()
+                 pss_period: float = 10.0, also: tuple[int, ...] = ()) -> None:
+        self.roots = (pid or os.getpid(), *also)  # ``also``: services the run uses
         self.period = period
         self.pss_period = pss_period
         self.ray = ray
@@ -102,7 +103,7 @@ class MemorySampler:
         self._pss_rss, self._pss_at = 0, float("-inf")  # RSS and time when PSS was last taken
 
     def _sample(self, final: bool = False) -> None:
-        pids = descendants(self.root)  # one /proc scan serves both sums
+        pids = descendants(*self.roots)  # one /proc scan serves both sums
         rss = sum(_rss(pid) for pid in pids)
         self.peaks.rss = max(self.peaks.rss, rss)
         now = time.monotonic()

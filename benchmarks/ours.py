@@ -2,9 +2,10 @@
 
 The detect stage is ``pipeline.run_detection`` exactly as the ``detect`` task calls it (listing
 shards → decode tasks → Detector actors → staged Parquet shards). The whole flow is
-``python -m detectflow run`` in a fresh process: Prefect's temporary API server, a new local
-Ray, all five tasks; its overhead is its wall time minus the detect stage's own seconds, read
-from the manifest it publishes.
+``python -m detectflow run`` in a fresh process, all five tasks: on its own (Prefect's temporary
+API server, a new local Ray) and against long-lived services (a Prefect server and a Ray head
+that outlive the run, as deployments use). Its overhead is its wall time minus the detect
+stage's own seconds, read from the manifest it publishes.
 """
 
 from __future__ import annotations
@@ -48,21 +49,28 @@ def run_detect_stage(images_dir: Path, work_dir: Path, **params: Any) -> dict[st
 
 def run_whole_flow(images_dir: Path, work_dir: Path, model: str, weights: str | None,
                    score_threshold: float, device: str, extra: list[str] = (),
-                   log: Path | None = None) -> dict[str, Any]:
-    """``detectflow run`` in a child process; wall time, peak memory and the manifest's timings."""
+                   log: Path | None = None, services: dict | None = None) -> dict[str, Any]:
+    """``detectflow run`` in a child process; wall time, peak memory and the manifest's timings.
+
+    With ``services`` (``benchmarks.services.long_lived_services``) the run uses that Prefect
+    server and Ray cluster, as a deployment does, and their processes count in its memory.
+    """
+    services = services or {"args": [], "env": {}, "pids": []}
     cmd = [sys.executable, "-m", "detectflow", "run", "--input", str(images_dir),
            "--output", str(work_dir), "--model", model, "--score-threshold",
-           str(score_threshold), "--device", device, "--run-id", "bench-flow", *extra]
+           str(score_threshold), "--device", device, "--run-id", "bench-flow", *extra,
+           *services["args"]]
     if weights:
         cmd += ["--weights", weights]
     # As a user runs it: the flow turns Ray Data's progress bars off for its own dataset.
     env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_DISABLE_PROGRESS_BARS"}
+    env.update(services["env"])
     log = log or work_dir / "flow.log"
     work_dir.mkdir(parents=True, exist_ok=True)
     start, started_at = time.perf_counter(), dt.datetime.now()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        with MemorySampler(pid=proc.pid) as mem:
+        with MemorySampler(pid=proc.pid, also=tuple(services["pids"])) as mem:
             code = proc.wait()
     wall = time.perf_counter() - start
     if code != 0:
