@@ -20,3 +20,16 @@ def test_sampler_sees_a_peak_that_comes_after_the_first_pss_sample():
     # Private pages count fully in both sums.
     assert mem.peaks.rss >= 200 * MIB, mem.peaks
     assert 200 * MIB <= mem.peaks.pss <= mem.peaks.rss + 16 * MIB, mem.peaks
+
+
+def test_sampler_counts_the_services_a_run_uses():
+    """The whole flow against long-lived services: their processes (not the run's children)
+    count too, through ``also``. Two samplers over the same seconds, with and without it."""
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    service = subprocess.Popen([sys.executable, "-c", GROW])
+    with MemorySampler(pid=run.pid, period=0.2, pss_period=60) as alone, \
+            MemorySampler(pid=run.pid, period=0.2, pss_period=60, also=(service.pid,)) as both:
+        assert service.wait(timeout=60) == 0
+    run.wait(timeout=60)
+    assert alone.peaks.rss < 100 * MIB, alone.peaks  # the sleeping run only
+    assert both.peaks.rss >= 200 * MIB, both.peaks
