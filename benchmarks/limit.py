@@ -98,31 +98,30 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
     """
     from detectflow.predictor import tune_for_device
 
+    where = "GPU" if device == "cuda" else f"1 proc x {torch.get_num_threads()} threads"
+    in_process = {f"{where}, batch {b}": b for b in batch_sizes}
+    procs = os.cpu_count() or 1
+    per_core = ({f"{procs} procs x 1 thread, batch {b}": b for b in (1, 4)}
+                if device == "cpu" and procs > 1 else {})
+    net, inputs = None, []
+
+    def rate_of(layout: str) -> float:
+        nonlocal net, inputs
+        if layout in per_core:
+            net, inputs = None, []  # no idle model copy in memory while the processes run
+            return per_core_rate(images_dir, model, weights, score_threshold, per_core[layout],
+                                 sweep_images, procs)
+        if net is None:
+            net = tune_for_device(load_net(model, weights, score_threshold, device), device,
+                                  channels_last)
+            inputs = load_inputs(images_dir, device, sweep_images)
+        return len(inputs) / loop(net, inputs, in_process[layout], device, precision)
+
     with MemorySampler() as mem:
-        net = tune_for_device(load_net(model, weights, score_threshold, device), device,
-                              channels_last)
-        inputs = load_inputs(images_dir, device, sweep_images)
-        threads = torch.get_num_threads()
-        where = "GPU" if device == "cuda" else f"1 proc x {threads} threads"
-        in_process = {f"{where}, batch {b}": b for b in batch_sizes}
-        rates = {name: len(inputs) / loop(net, inputs, b, device, precision)
-                 for name, b in in_process.items()}
-        procs = os.cpu_count() or 1
-        per_core = {}
-        if device == "cpu" and procs > 1:
-            per_core = {f"{procs} procs x 1 thread, batch {b}": b for b in (1, 4)}
-            for name, b in per_core.items():
-                rates[name] = per_core_rate(images_dir, model, weights, score_threshold, b,
-                                            sweep_images, procs)
+        rates = {layout: rate_of(layout) for layout in [*in_process, *per_core]}
         best = max(rates, key=rates.get)
-        again = []
-        for _ in range(confirm):
-            if best in in_process:
-                again.append(len(inputs) / loop(net, inputs, in_process[best], device, precision))
-            else:
-                again.append(per_core_rate(images_dir, model, weights, score_threshold,
-                                           per_core[best], sweep_images, procs))
-        del net, inputs
+        again = [rate_of(best) for _ in range(confirm)]
+        net, inputs = None, []
     rate = sum(again) / len(again) if again else rates[best]
     return {"rates": rates, "best": best, "rate": rate, "again": again,
             "images": sweep_images, "peaks": mem.peaks}

@@ -162,15 +162,19 @@ def run_flow(work: Path, log: Path, images: Path, model: str, weights: str | Non
         return run_whole_flow(images, work, model, weights, threshold, device, extra, log=log)
     from benchmarks.services import long_lived_services
 
-    gpus = 0
-    if device == "cuda":
-        import torch
-
-        gpus = torch.cuda.device_count()
     work.mkdir(parents=True, exist_ok=True)
-    with long_lived_services(os.cpu_count() or 1, gpus, work) as running:
+    with long_lived_services(os.cpu_count() or 1, gpu_count(device), work) as running:
         return run_whole_flow(images, work, model, weights, threshold, device, extra, log=log,
                               services=running)
+
+
+def gpu_count(device: str) -> int:
+    """GPUs the local Ray (or Ray head) is given: all of the machine's on cuda, none on cpu."""
+    if device != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def flow_row(name: str, flow: dict, notes: list[str]):
@@ -232,12 +236,7 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
     from benchmarks.images import make_images
 
     rows = []
-    gpus = 0
-    if args.device == "cuda":
-        import torch
-
-        gpus = torch.cuda.device_count()
-    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, namespace="bench",
+    ray.init(num_cpus=os.cpu_count(), num_gpus=gpu_count(args.device), include_dashboard=False, namespace="bench",
              log_to_driver=False)
     try:
         if "reference" not in skip:

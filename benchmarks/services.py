@@ -20,15 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' one-machine Ray cluster
+
+from ray_nodes import LocalCluster, free_port  # noqa: E402
 
 
 @contextlib.contextmanager
 def prefect_server(log: Path, timeout: float = 120) -> Iterator[tuple[str, int]]:
     """``prefect server start`` on loopback with its own home and database; yields the API URL
     and the server's process id."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ray_nodes import free_port
-
     port = free_port()
     home = tempfile.mkdtemp(prefix="bench-prefect-")
     env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -63,9 +63,6 @@ def prefect_server(log: Path, timeout: float = 120) -> Iterator[tuple[str, int]]
 def long_lived_services(cpus: int, gpus: int, log_dir: Path) -> Iterator[dict]:
     """A Prefect server and a one-node Ray cluster; yields what ``detectflow run`` needs to use
     them (``--ray-address`` and environment) and the services' process ids (for memory)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from ray_nodes import LocalCluster
-
     cluster = LocalCluster(nodes=1, cpus_per_node=cpus, gpus_per_node=gpus,
                            object_store_bytes=None)
     with prefect_server(log_dir / "prefect-server.log") as (api_url, server_pid):
