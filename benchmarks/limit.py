@@ -5,14 +5,19 @@ batch. Two ways of using the cores are swept at a few batch sizes: one process w
 threads, and (on CPU) one single-threaded process per core, each looping over its share of the
 images at the same time. (On a small model the second wins: torch's intra-op threads scale
 poorly, so a pipeline with one single-threaded model copy per core could otherwise "beat the
-limit".) The best of the sweep is then measured again. A pipeline cannot beat this by much; it
-is the bound for that model on that device.
+limit".) On a GPU the largest batch is also run with several batches in flight, each thread on
+its own CUDA stream, as our actors do with ``gpu_streams``: non-maximum suppression runs on one
+of the GPU's multiprocessors, so one batch at a time leaves the rest idle and is no bound for a
+pipeline that overlaps batches. The best of the sweep is then measured again. A pipeline cannot
+beat this by much; it is the bound for that model on that device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +62,65 @@ def loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, device: s
         return time.perf_counter() - start
 
 
+def streams_loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, device: str,
+                 streams: int, precision: str = "fp32", keep: list | None = None) -> float:
+    """Seconds for one pass over ``inputs`` with ``streams`` threads taking batches in turn, each
+    on its own CUDA stream on a GPU (after one warm-up batch per thread); the model's outputs
+    are appended to ``keep`` in input order when one is given.
+
+    This is how a ``gpu_streams`` actor runs (Ray Data's threaded actor, ``Detector._stream``),
+    without Ray, I/O or decoding.
+    """
+    from detectflow.predictor import autocast
+
+    starts = list(range(0, len(inputs), batch))
+    outputs: dict[int, list] = {}
+    claim = threading.Lock()
+    ready = threading.Barrier(streams + 1)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        stream = torch.cuda.Stream() if device == "cuda" else None
+        try:
+            with (torch.inference_mode(), autocast(device, precision),
+                  torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
+                net(inputs[:batch])
+                if stream:
+                    stream.synchronize()
+                ready.wait()
+                while True:
+                    with claim:
+                        if not starts:
+                            break
+                        i = starts.pop(0)
+                    outputs[i] = net(inputs[i : i + batch])
+                if stream:
+                    stream.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller's thread
+            errors.append(exc)
+            ready.abort()
+
+    if device == "cuda":
+        torch.cuda.synchronize()  # the inputs were copied on the default stream
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    try:
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    if keep is not None:
+        for i in sorted(outputs):
+            keep.extend(outputs[i])
+    return seconds
+
+
 def _worker(args: tuple, barrier, results) -> None:
     images_dir, model, weights, threshold, batch, share, rank, procs = args
     torch.set_num_threads(1)
@@ -88,18 +152,23 @@ def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: 
 def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold: float,
               device: str, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
               sweep_images: int = 48, precision: str = "fp32",
-              channels_last: bool = False, confirm: int = 2) -> dict[str, Any]:
+              channels_last: bool = False, confirm: int = 2,
+              streams: tuple[int, ...] = (2, 3)) -> dict[str, Any]:
     """Images/s for each way of running the bare loop, then the best of them measured again.
 
     The sweep picks a layout; its rate is then measured ``confirm`` more times and averaged.
     Reporting the sweep's own maximum would overstate the bound: on a noisy machine the best of
     six measurements is mostly the luckiest (benchmarks/RESULTS.md). GPU kernels are chosen as
-    in the actors (``predictor.tune_for_device``).
+    in the actors (``predictor.tune_for_device``); on a GPU the largest batch size is also run
+    with ``streams`` batches in flight.
     """
     from detectflow.predictor import tune_for_device
 
     where = "GPU" if device == "cuda" else f"1 proc x {torch.get_num_threads()} threads"
-    in_process = {f"{where}, batch {b}": b for b in batch_sizes}
+    in_process = {f"{where}, batch {b}": (b, 1) for b in batch_sizes}
+    if device == "cuda":
+        in_process |= {f"{where}, batch {max(batch_sizes)}, {k} streams": (max(batch_sizes), k)
+                       for k in streams}
     procs = os.cpu_count() or 1
     per_core = ({f"{procs} procs x 1 thread, batch {b}": b for b in (1, 4)}
                 if device == "cpu" and procs > 1 else {})
@@ -115,7 +184,10 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
             net = tune_for_device(load_net(model, weights, score_threshold, device), device,
                                   channels_last)
             inputs = load_inputs(images_dir, device, sweep_images)
-        return len(inputs) / loop(net, inputs, in_process[layout], device, precision)
+        batch, threads = in_process[layout]
+        if threads > 1:
+            return len(inputs) / streams_loop(net, inputs, batch, device, threads, precision)
+        return len(inputs) / loop(net, inputs, batch, device, precision)
 
     with MemorySampler() as mem:
         rates = {layout: rate_of(layout) for layout in [*in_process, *per_core]}

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 precision, channels_last = setting
                 lim = attempt(notes, f"limit {label}", run_limit, images, model, weights,
                               args.score_threshold, args.device, batch_sizes=batches,
-                              sweep_images=min(args.n, 96), precision=precision,
+                              sweep_images=min(args.n, 192 if args.device == "cuda" else 96),
+                              precision=precision,
                               channels_last=channels_last)
                 if lim is None:
                     continue

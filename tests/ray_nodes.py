@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RAY = str(Path(sys.executable).with_name("ray"))
+# The ``ray`` CLI as a module of this interpreter: also where Ray is installed without its scripts
+# (a ``pip install --target`` on a GPU machine, for the benchmark).
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def free_port() -> int:
@@ -56,7 +58,7 @@ class LocalCluster:
     def _start_node(self, head: bool, env: dict[str, str]) -> None:
         index = len(self.procs)
         args = [
-            RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+            *RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
             f"--num-cpus={self.cpus_per_node}", f"--num-gpus={self.gpus_per_node}",
             f"--temp-dir={self.temp_dir}",
             # Every per-node port is explicit: two raylets on one host must not share one.
@@ -84,7 +86,7 @@ class LocalCluster:
         env = {**env, "RAY_AUTH_MODE": "token"}
         if not env.get("RAY_AUTH_TOKEN") and not (Path.home() / ".ray" / "auth_token").exists():
             # A fresh machine (CI): make the token a local ray.init would have made.
-            subprocess.run([RAY, "get-auth-token", "--generate"], env=env, check=True,
+            subprocess.run([*RAY, "get-auth-token", "--generate"], env=env, check=True,
                            capture_output=True, timeout=60)
         self._start_node(True, env)
         self._wait_for(1, timeout)
