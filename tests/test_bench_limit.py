@@ -3,9 +3,9 @@ and give the serial loop's detections back in input order."""
 
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
 from benchmarks.limit import load_inputs, load_net, loop, streams_loop
-from conftest import SMALL_MODEL
 
 
 @pytest.fixture(scope="module")
