@@ -39,6 +39,7 @@ class LocalCluster:
     cpus_per_node: int = 1
     gpus_per_node: int = 0
     object_store_bytes: int | None = 100 * 1024 * 1024  # None: Ray's default share of memory
+    dashboard: bool = True  # the state API needs it; a minimal Ray (no aiohttp_cors) has none
     # Short on purpose: Ray's unix sockets live under it and paths are capped at 107 bytes.
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dfc-", dir="/tmp"))
     procs: list[subprocess.Popen] = field(default_factory=list)
@@ -71,9 +72,10 @@ class LocalCluster:
             args.append(f"--object-store-memory={self.object_store_bytes}")
         if head:
             self.gcs_port, self.dashboard_port = free_port(), free_port()
-            args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={free_port()}"]
+            args += ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={free_port()}",
+                     f"--include-dashboard={str(self.dashboard).lower()}"]
+            if self.dashboard:
+                args += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
             args += [f"--address={self.address}"]
         log = open(Path(self.temp_dir) / f"node-{index}.log", "wb")
@@ -104,6 +106,13 @@ class LocalCluster:
         return [n.__dict__ if hasattr(n, "__dict__") else dict(n) for n in nodes
                 if (n.state if hasattr(n, "state") else n["state"]) == "ALIVE"]
 
+    def _nodes_up(self) -> int:
+        if self.dashboard:
+            return len(self.alive_nodes())
+        # No state API: a node is up once ``ray start`` says so (it waits for GCS and raylet).
+        return sum("Ray runtime started" in log.read_text(errors="replace")
+                   for log in Path(self.temp_dir).glob("node-*.log"))
+
     def _wait_for(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         error: Exception | None = None
@@ -112,7 +121,7 @@ class LocalCluster:
                 if proc.poll() is not None:
                     raise RuntimeError(f"a Ray node exited ({proc.returncode}): {self.logs()}")
             try:
-                if len(self.alive_nodes()) >= count:
+                if self._nodes_up() >= count:
                     return
             except Exception as exc:  # API server still starting
                 error = exc

@@ -1,0 +1,82 @@
+"""Where an inference actor's start goes, step by step, in a fresh process.
+
+On a GPU the detect stage's first ~10 s pass with the GPU idle (``nvidia-smi dmon``, RESULTS.md):
+the actor's process imports torch, makes its CUDA context, builds the model, loads the weights
+and runs its first batches. This times each of those steps as ``Detector.__init__`` and its
+first calls do them, so a lever can aim at the largest. Building the model on PyTorch's meta
+device (no random initialisation of parameters the weights replace) is timed beside it.
+
+    python -m benchmarks.actor_start --device cuda --weights W.pth --images DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--images", required=True, help="a folder of JPEGs (the benchmark's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=16)
+    args = p.parse_args(argv)
+
+    steps: list[tuple[str, float]] = []
+    last = time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal last
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        steps.append((name, now - last))
+        last = now
+
+    import torch
+
+    mark("import torch")
+    import torchvision  # noqa: F401 - timed on its own
+
+    mark("import torchvision")
+    from detectflow import imaging, models
+    from detectflow.predictor import Detector
+
+    mark("import detectflow's predictor")
+    if args.device == "cuda":
+        torch.empty(1, device="cuda")
+    mark("CUDA context")
+    net = models.build_model(args.model, 0.5)
+    mark("build the model (random init)")
+    with torch.device("meta"):
+        models.build_model(args.model, 0.5)
+    mark("(build it on the meta device: not in the path)")
+    state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    mark("torch.load the weights")
+    net.load_state_dict(state, strict=False)
+    net.eval().to(args.device)
+    mark("load_state_dict + to(device)")
+    del net, state
+    detector = Detector(args.model, args.weights, 0.5, "probe",
+                        num_gpus=1.0 if args.device == "cuda" else 0.0, device=args.device)
+    mark("Detector(...) as an actor makes it (all of the above again)")
+    paths = sorted(Path(args.images).glob("*.jpg"))[: 3 * args.batch]
+    images = [torch.from_numpy(imaging.decode(p.read_bytes())) for p in paths]
+    mark(f"decode {len(images)} JPEGs (CPU)")
+    for i in range(3):
+        detector.predict(images[i * args.batch : (i + 1) * args.batch])
+        mark(f"batch {i + 1} of {args.batch}")
+
+    width = max(len(name) for name, _ in steps)
+    print(f"actor start, {args.model} on {args.device}"
+          + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""))
+    for name, seconds in steps:
+        print(f"  {name:<{width}}  {seconds:6.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
