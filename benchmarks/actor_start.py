@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def mark(name: str) -> None:
         nonlocal last
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        if args.device == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # never the first CUDA call: that is its own step
         now = time.perf_counter()
         steps.append((name, now - last))
         last = now

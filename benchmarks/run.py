@@ -237,8 +237,8 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
     from benchmarks.images import make_images
 
     rows = []
-    ray.init(num_cpus=os.cpu_count(), num_gpus=gpu_count(args.device), include_dashboard=False, namespace="bench",
-             log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), num_gpus=gpu_count(args.device), include_dashboard=False,
+             namespace="bench", log_to_driver=False)
     try:
         if "reference" not in skip:
             from benchmarks.reference import run_reference

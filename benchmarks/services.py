@@ -9,7 +9,6 @@ them after. The run then reaches them by address, like any deployment.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -64,10 +63,8 @@ def prefect_server(log: Path, timeout: float = 120) -> Iterator[tuple[str, int]]
 def long_lived_services(cpus: int, gpus: int, log_dir: Path) -> Iterator[dict]:
     """A Prefect server and a one-node Ray cluster; yields what ``detectflow run`` needs to use
     them (``--ray-address`` and environment) and the services' process ids (for memory)."""
-    # Ray's dashboard as a deployment's head has it, where its packages are installed.
     cluster = LocalCluster(nodes=1, cpus_per_node=cpus, gpus_per_node=gpus,
-                           object_store_bytes=None,
-                           dashboard=importlib.util.find_spec("aiohttp_cors") is not None)
+                           object_store_bytes=None)
     with prefect_server(log_dir / "prefect-server.log") as (api_url, server_pid):
         cluster.start(dict(os.environ))
         try:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
 # The ``ray`` CLI as a module of this interpreter: also where Ray is installed without its scripts
@@ -39,7 +40,9 @@ class LocalCluster:
     cpus_per_node: int = 1
     gpus_per_node: int = 0
     object_store_bytes: int | None = 100 * 1024 * 1024  # None: Ray's default share of memory
-    dashboard: bool = True  # the state API needs it; a minimal Ray (no aiohttp_cors) has none
+    # The state API needs the dashboard; a minimal Ray (no aiohttp_cors, e.g. carried to a GPU
+    # machine for the benchmark) has none, and its head then starts without it.
+    dashboard: bool = field(default_factory=lambda: find_spec("aiohttp_cors") is not None)
     # Short on purpose: Ray's unix sockets live under it and paths are capped at 107 bytes.
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dfc-", dir="/tmp"))
     procs: list[subprocess.Popen] = field(default_factory=list)
