@@ -4,7 +4,8 @@ On a GPU the detect stage's first ~10 s pass with the GPU idle (``nvidia-smi dmo
 the actor's process imports torch, makes its CUDA context, builds the model, loads the weights
 and runs its first batches. This times each of those steps as ``Detector.__init__`` and its
 first calls do them, so a lever can aim at the largest. Building the model on PyTorch's meta
-device (no random initialisation of parameters the weights replace) is timed beside it.
+device (no random initialisation of parameters the weights replace) is timed beside it, and
+``--plain-torchvision`` times upstream's import (with TorchDynamo) instead of the actors' own.
 
     python -m benchmarks.actor_start --device cuda --weights W.pth --images DIR
 """
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", required=True, help="a folder of JPEGs (the benchmark's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--plain-torchvision", action="store_true",
+                   help="import torchvision as upstream does (loads TorchDynamo), to compare")
     args = p.parse_args(argv)
 
     steps: list[tuple[str, float]] = []
@@ -39,9 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     mark("import torch")
-    import torchvision  # noqa: F401 - timed on its own
+    if args.plain_torchvision:
+        import torchvision  # noqa: F401 - timed on its own
 
-    mark("import torchvision")
+        mark("import torchvision (plain: loads TorchDynamo)")
+    else:
+        from detectflow.torchvision_import import import_torchvision
+
+        import_torchvision()
+        mark("import torchvision (TorchDynamo deferred, as actors do)")
     from detectflow import imaging, models
     from detectflow.predictor import Detector
 
@@ -51,9 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     mark("CUDA context")
     net = models.build_model(args.model, 0.5)
     mark("build the model (random init)")
-    with torch.device("meta"):
-        models.build_model(args.model, 0.5)
-    mark("(build it on the meta device: not in the path)")
     state = torch.load(args.weights, map_location="cpu", weights_only=True)
     mark("torch.load the weights")
     net.load_state_dict(state, strict=False)
@@ -69,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(3):
         detector.predict(images[i * args.batch : (i + 1) * args.batch])
         mark(f"batch {i + 1} of {args.batch}")
+    # Last: entering torch.device("meta") loads TorchDynamo, which would move into the next step.
+    with torch.device("meta"):
+        models.build_model(args.model, 0.5)
+    mark("(build the model on the meta device: not in the path)")
 
     width = max(len(name) for name, _ in steps)
     print(f"actor start, {args.model} on {args.device}"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from detectflow import storage
 from detectflow.errors import WeightsError
+from detectflow.torchvision_import import import_torchvision
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +67,7 @@ class ResolvedWeights:
 
 def default_weights(model: str):
     """The torchvision weights enum entry the reference recipe uses (``.DEFAULT``)."""
+    import_torchvision()
     from torchvision.models import get_model_weights
 
     return get_model_weights(model).DEFAULT
@@ -147,6 +149,7 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
 
 def build_model(model: str, score_threshold: float = 0.05) -> torch.nn.Module:
     """The torchvision architecture with no weights (nothing is downloaded here)."""
+    import_torchvision()
     from torchvision.models import get_model_builder
 
     family = model.split("_", 1)[0]

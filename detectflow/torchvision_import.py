@@ -1,0 +1,69 @@
+"""Import torchvision without loading TorchDynamo, which an inference actor never uses.
+
+torchvision's ``ops/roi_align.py`` runs ``from torch._dynamo.utils import is_compile_supported``
+at import time, for a fallback used only when torchvision's compiled ops are missing. That one
+line loads TorchDynamo (and sympy, FSDP, ...): 1.9 of torchvision's 2.2 s import on our CPUs,
+paid by every new actor process before its first batch (benchmarks/RESULTS.md, "Where the ~10 s
+before the first batch go"). The detection models never compile anything.
+
+So while torchvision imports, ``torch._dynamo`` and ``torch._dynamo.utils`` are placeholders:
+``is_compile_supported`` imports the real function when first called, and any other name read
+from a placeholder loads the real module. Once torchvision is in, the placeholders leave
+``sys.modules``, so a later ``import torch._dynamo`` (``torch.compile``) gets the real thing.
+Should the deferred import fail in any way, torchvision is imported the plain way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import threading
+import types
+
+_NAMES = ("torch._dynamo", "torch._dynamo.utils")
+_lock = threading.Lock()
+
+
+def _real(name: str) -> types.ModuleType:
+    for stale in _NAMES:
+        if isinstance(sys.modules.get(stale), _Placeholder):
+            del sys.modules[stale]
+    return importlib.import_module(name)
+
+
+class _Placeholder(types.ModuleType):
+    """Stands in for a module until a name is read from it (dunders excepted)."""
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(_real(self.__name__), attr)
+
+
+def _is_compile_supported(device_type):
+    from torch._dynamo.utils import is_compile_supported
+
+    return is_compile_supported(device_type)
+
+
+def import_torchvision() -> types.ModuleType:
+    """``import torchvision``, deferring TorchDynamo when it is not loaded yet."""
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"]
+    with _lock:
+        if "torchvision" in sys.modules or any(name in sys.modules for name in _NAMES):
+            return importlib.import_module("torchvision")
+        import torch  # noqa: F401 - the placeholders' parent package must be real
+
+        package, utils = _Placeholder(_NAMES[0]), _Placeholder(_NAMES[1])
+        utils.is_compile_supported = _is_compile_supported
+        sys.modules.update({_NAMES[0]: package, _NAMES[1]: utils})
+        try:
+            return importlib.import_module("torchvision")
+        except Exception:
+            pass  # a torchvision that reads more from torch._dynamo: import it plainly below
+        finally:
+            for name in _NAMES:
+                if isinstance(sys.modules.get(name), _Placeholder):
+                    del sys.modules[name]
+        return importlib.import_module("torchvision")

@@ -1,0 +1,80 @@
+"""torchvision imported without TorchDynamo: the model still builds and detects, and TorchDynamo
+is still there, real, for whoever asks for it afterwards. Each check runs in a fresh interpreter,
+since an import can only be observed once per process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def run_fresh(code: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_an_actor_detects_without_loading_dynamo_which_stays_importable(small_weights,
+                                                                          sample_dir):
+    image = sorted(sample_dir.glob("*.jpg"))[0]
+    out = run_fresh(f"""
+        import json, sys
+        import torch
+        from detectflow import imaging
+        from detectflow.predictor import Detector
+        detector = Detector("fasterrcnn_mobilenet_v3_large_320_fpn", {str(small_weights)!r}, 0.5,
+                            "run", device="cpu")
+        pixels = torch.from_numpy(imaging.decode(open({str(image)!r}, "rb").read()))
+        found = detector.predict([pixels])[0]
+        dynamo_loaded = "torch._dynamo" in sys.modules
+        roi = sys.modules["torchvision.ops.roi_align"]
+        deferred = roi.is_compile_supported("cpu")  # loads the real function on first call
+        import torch._dynamo.utils as real_utils
+        compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2))
+        print(json.dumps({{
+            "dynamo_loaded": dynamo_loaded, "boxes": len(found["boxes"]),
+            "deferred": deferred, "real": real_utils.is_compile_supported("cpu"),
+            "real_file": bool(getattr(real_utils, "__file__", None)),
+            "dynamo_file": bool(getattr(sys.modules["torch._dynamo"], "__file__", None)),
+            "compiled": compiled.tolist(),
+        }}))
+    """)
+    assert out["dynamo_loaded"] is False
+    assert out["boxes"] > 0  # the bundled photos all hold COCO objects the weights find
+    assert out["deferred"] == out["real"]
+    assert out["real_file"] and out["dynamo_file"]  # the real modules, not placeholders
+    assert out["compiled"] == [3.0, 3.0]
+
+
+def test_a_name_read_from_a_placeholder_loads_the_real_module():
+    out = run_fresh("""
+        import json, sys
+        import torch
+        from detectflow.torchvision_import import _Placeholder
+        holder = _Placeholder("torch._dynamo")
+        sys.modules["torch._dynamo"] = holder
+        fn = holder.disable  # any name but the one torchvision imports
+        print(json.dumps({"callable": callable(fn),
+                          "replaced": sys.modules["torch._dynamo"] is not holder,
+                          "real": bool(getattr(sys.modules["torch._dynamo"], "__file__", None))}))
+    """)
+    assert out == {"callable": True, "replaced": True, "real": True}
+
+
+@pytest.mark.parametrize("first", ["import torch._dynamo", "import torchvision"])
+def test_an_earlier_plain_import_is_kept(first):
+    out = run_fresh(f"""
+        import json, sys
+        {first}
+        before = sys.modules.get("torch._dynamo")
+        from detectflow.torchvision_import import import_torchvision
+        import_torchvision()
+        print(json.dumps({{"kept": sys.modules.get("torch._dynamo") is before,
+                          "tv": "torchvision" in sys.modules}}))
+    """)
+    assert out == {"kept": True, "tv": True}
