@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    metavar="NAME:KEY=VALUE,...",
                    help="an extra detect-stage run with these RunConfig fields (repeatable; "
                         "replaces the built-in levers), e.g. 'fp16:precision=fp16'")
+    p.add_argument("--no-variants", action="store_true",
+                   help="our detect stage with its defaults only (as changed by --set)")
     p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
     p.add_argument("--markdown", default=None, help="also write the table here (markdown)")
     return p.parse_args(argv)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{Path(weights).name if weights else 'torchvision'}, device {args.device}, "
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
     try:
-        runs = variants(args.device, args.variants)
+        runs = variants(args.device, [] if args.no_variants else args.variants)
         limits: dict[tuple, float] = {}
         if "limit" not in skip:
             from benchmarks.limit import run_limit
