@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
     try:
         runs = variants(args.device, [] if args.no_variants else args.variants)
+        if args.sets:  # the row says what its "defaults" were changed to
+            runs[0] = (f"defaults, {', '.join(args.sets)}", runs[0][1])
         limits: dict[tuple, float] = {}
         if "limit" not in skip:
             from benchmarks.limit import run_limit
