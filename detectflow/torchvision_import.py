@@ -32,10 +32,19 @@ def _real(name: str) -> types.ModuleType:
 
 
 class _Placeholder(types.ModuleType):
-    """Stands in for a module until a name is read from it (dunders excepted)."""
+    """Stands in for a module until a name is read from it (its own dunders excepted).
+
+    The package's ``__path__`` is read too: the import system asks for it before importing a
+    submodule, which needs the real package. ``torch._dynamo.utils`` is a plain module, and a
+    ``from ... import`` checks it for ``__path__``: it must have none, as the real one has none.
+    """
+
+    def __init__(self, name: str, package: bool) -> None:
+        super().__init__(name)
+        self._package = package
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__"):
+        if attr.startswith("__") and not (attr == "__path__" and self._package):
             raise AttributeError(attr)
         return getattr(_real(self.__name__), attr)
 
@@ -55,7 +64,7 @@ def import_torchvision() -> types.ModuleType:
             return importlib.import_module("torchvision")
         import torch  # noqa: F401 - the placeholders' parent package must be real
 
-        package, utils = _Placeholder(_NAMES[0]), _Placeholder(_NAMES[1])
+        package, utils = _Placeholder(_NAMES[0], True), _Placeholder(_NAMES[1], False)
         utils.is_compile_supported = _is_compile_supported
         sys.modules.update({_NAMES[0]: package, _NAMES[1]: utils})
         try:

@@ -51,19 +51,23 @@ def test_an_actor_detects_without_loading_dynamo_which_stays_importable(small_we
     assert out["compiled"] == [3.0, 3.0]
 
 
-def test_a_name_read_from_a_placeholder_loads_the_real_module():
-    out = run_fresh("""
+@pytest.mark.parametrize("reach", ["holder.disable", "import torch._dynamo.eval_frame"])
+def test_reaching_past_a_placeholder_loads_the_real_module(reach):
+    """A name read from it, or a submodule imported under it (the import system then reads the
+    package's ``__path__``)."""
+    out = run_fresh(f"""
         import json, sys
         import torch
         from detectflow.torchvision_import import _Placeholder
-        holder = _Placeholder("torch._dynamo")
+        holder = _Placeholder("torch._dynamo", True)
         sys.modules["torch._dynamo"] = holder
-        fn = holder.disable  # any name but the one torchvision imports
-        print(json.dumps({"callable": callable(fn),
-                          "replaced": sys.modules["torch._dynamo"] is not holder,
-                          "real": bool(getattr(sys.modules["torch._dynamo"], "__file__", None))}))
+        {reach}
+        real = sys.modules["torch._dynamo"]
+        print(json.dumps({{"replaced": real is not holder,
+                          "real": bool(getattr(real, "__file__", None)),
+                          "disable": callable(getattr(real, "disable", None))}}))
     """)
-    assert out == {"callable": True, "replaced": True, "real": True}
+    assert out == {"replaced": True, "real": True, "disable": True}
 
 
 @pytest.mark.parametrize("first", ["import torch._dynamo", "import torchvision"])
