@@ -3,9 +3,8 @@
 On a GPU the detect stage's first ~10 s pass with the GPU idle (``nvidia-smi dmon``, RESULTS.md):
 the actor's process imports torch, makes its CUDA context, builds the model, loads the weights
 and runs its first batches. This times each of those steps as ``Detector.__init__`` and its
-first calls do them, so a lever can aim at the largest. Building the model on PyTorch's meta
-device (no random initialisation of parameters the weights replace) is timed beside it, and
-``--plain-torchvision`` times upstream's import (with TorchDynamo) instead of the actors' own.
+first calls do them, so a lever can aim at the largest. ``--plain-torchvision`` times upstream's
+import (with TorchDynamo) instead of the actors' own.
 
     python -m benchmarks.actor_start --device cuda --weights W.pth --images DIR
 """
@@ -75,10 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(3):
         detector.predict(images[i * args.batch : (i + 1) * args.batch])
         mark(f"batch {i + 1} of {args.batch}")
-    # Last: entering torch.device("meta") loads TorchDynamo, which would move into the next step.
-    with torch.device("meta"):
-        models.build_model(args.model, 0.5)
-    mark("(build the model on the meta device: not in the path)")
 
     width = max(len(name) for name, _ in steps)
     print(f"actor start, {args.model} on {args.device}"

@@ -74,10 +74,11 @@ class LocalCluster:
         if self.object_store_bytes is not None:
             args.append(f"--object-store-memory={self.object_store_bytes}")
         if head:
-            self.gcs_port, self.dashboard_port = free_port(), free_port()
+            self.gcs_port = free_port()
             args += ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={free_port()}",
                      f"--include-dashboard={str(self.dashboard).lower()}"]
             if self.dashboard:
+                self.dashboard_port = free_port()
                 args += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
             args += [f"--address={self.address}"]
