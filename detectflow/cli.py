@@ -125,9 +125,7 @@ def run(args: argparse.Namespace) -> int:
             state = detect_objects(**flow_params, return_state=True)
     finally:
         if connected is not None:
-            import ray
-
-            ray.shutdown()
+            raycluster.shutdown()
     # Only now: Ray prints to stderr until it has shut down (e.g. "worker died" for a warm-up
     # task cut short by a run that failed fast), and the outcome must be the last line.
     return report(cfg, state)

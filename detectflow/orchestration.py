@@ -82,7 +82,7 @@ def ray_cluster(address: str | None, env: dict[str, str]) -> Iterator[dict[str, 
         yield ray.cluster_resources()
     finally:
         if connected_here:
-            ray.shutdown()
+            raycluster.shutdown()
 
 
 @contextlib.contextmanager

@@ -109,6 +109,30 @@ def connect(address: str | None, env: dict[str, str]):
     return context
 
 
+def shutdown() -> None:
+    """``ray.shutdown()``, less the second it spends on Ray's autoscaler monitor.
+
+    Ray stops a local cluster's processes one at a time, raylet and GCS first, giving each a
+    SIGTERM and one second. The monitor's SIGTERM handler then reports its "failure" to the GCS
+    that is already gone, so it always takes the whole second before Ray kills it (measured
+    1.01 s of a 1.35 s shutdown, Ray 2.60). The monitor only scales a cluster, and a local one
+    never scales: it is killed first, the rest stop as Ray stops them. Only for a Ray that this
+    process started; a cluster we merely joined keeps all its processes.
+    """
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node else []
+        for info in monitors:
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    except Exception:  # Ray's internals moved: its own shutdown still stops everything
+        log.debug("could not stop Ray's autoscaler monitor early", exc_info=True)
+    ray.shutdown()
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def _import_our_code(modules: tuple[str, ...]) -> int:
     import importlib

@@ -286,6 +286,15 @@ def test_task_runs_land_in_the_one_prefect_api(cluster_run, prefect_api):
 def test_the_cluster_is_still_up_after_the_run(cluster, cluster_run):
     assert len(cluster.alive_nodes()) == 2
     assert all(proc.poll() is None for proc in cluster.procs)
+    # A run stops the autoscaler monitor of a Ray it started, never a cluster's it joined.
+    assert any(b"autoscaler/_private/monitor.py" in _cmdline(pid) for pid in cluster.our_pids())
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefect_api, tmp_path,

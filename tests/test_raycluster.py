@@ -1,0 +1,40 @@
+"""Stopping a local Ray that the run started: every one of its processes, and quickly."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# In a fresh interpreter: the session's Ray (conftest) must not be the one stopped.
+SCRIPT = """
+import json, os, ray
+from detectflow import raycluster
+raycluster.connect(None, {})
+ray.get(raycluster.warm_workers(1))  # a worker of the job too, not only Ray's own processes
+node = ray._private.worker._global_node
+pids = {kind: [i.process.pid for i in infos] for kind, infos in node.all_processes.items()}
+raycluster.shutdown()
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+print(json.dumps({"pids": pids, "running": [p for ps in pids.values() for p in ps if running(p)],
+                  "initialized": ray.is_initialized()}))
+"""
+
+
+def test_shutdown_stops_every_process_of_a_local_ray():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The monitor is the process stopped early; the others are stopped by Ray's own shutdown.
+    assert {"monitor", "raylet", "gcs_server"} <= set(out["pids"]), out["pids"]
+    assert out["running"] == []
+    assert out["initialized"] is False
