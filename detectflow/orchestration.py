@@ -79,6 +79,7 @@ def ray_cluster(address: str | None, env: dict[str, str]) -> Iterator[dict[str, 
     """
     connected_here = raycluster.connect(address, env) is not None
     try:
+        raycluster.await_warm_workers()  # so that the first task runs on the warmed worker
         yield ray.cluster_resources()
     finally:
         if connected_here:

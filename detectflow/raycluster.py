@@ -130,7 +130,11 @@ def shutdown() -> None:
                 info.process.wait(timeout=5)
     except Exception:  # Ray's internals moved: its own shutdown still stops everything
         log.debug("could not stop Ray's autoscaler monitor early", exc_info=True)
+    _warming.clear()
     ray.shutdown()
+
+
+_warming: list[ray.ObjectRef] = []  # warm-up tasks not yet waited for
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -149,4 +153,27 @@ def warm_workers(count: int) -> list[ray.ObjectRef]:
     job and runtime_env, so the first Prefect task and the first decode task skip those imports.
     Holds no CPU; a failure here only means a cold worker later.
     """
-    return [_import_our_code.remote(WARM_MODULES) for _ in range(max(0, count))]
+    _warming[:] = [_import_our_code.remote(WARM_MODULES) for _ in range(max(0, count))]
+    return list(_warming)
+
+
+def await_warm_workers(timeout: float = 10.0) -> list[int]:
+    """Wait (at most ``timeout`` s) until the workers ``warm_workers`` started are ready; the
+    process ids of those that are.
+
+    A worker still importing is busy, so a task submitted meanwhile makes Ray start another,
+    cold worker that imports everything again: measured on 2 cores, the first task then began
+    1.8-1.9 s after the flow instead of 1.0-1.1 s. Waiting for the warm one is never slower
+    than that: a cold worker would do the same imports from the start.
+    """
+    refs, _warming[:] = list(_warming), []
+    if not refs or not ray.is_initialized():
+        return []
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    pids = []
+    for ref in ready:
+        try:
+            pids.append(ray.get(ref))
+        except Exception:  # a failed warm-up only means a cold worker later
+            log.debug("a worker warm-up failed", exc_info=True)
+    return pids

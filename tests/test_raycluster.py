@@ -38,3 +38,28 @@ def test_shutdown_stops_every_process_of_a_local_ray():
     assert {"monitor", "raylet", "gcs_server"} <= set(out["pids"]), out["pids"]
     assert out["running"] == []
     assert out["initialized"] is False
+
+
+WARM_SCRIPT = """
+import json, os, ray
+from detectflow import raycluster
+raycluster.connect(None, {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+warmed = raycluster.await_warm_workers(timeout=120)
+
+@ray.remote(num_cpus=0)
+def pid():
+    return os.getpid()
+
+print(json.dumps({"warmed": warmed, "first_task": ray.get(pid.remote())}))
+raycluster.shutdown()
+"""
+
+
+def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
+    """Submitted while the warm-up still imports, it would start a cold worker instead."""
+    proc = subprocess.run([sys.executable, "-c", WARM_SCRIPT], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["warmed"]) == 1
+    assert out["first_task"] == out["warmed"][0]
