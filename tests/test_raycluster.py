@@ -1,11 +1,15 @@
-"""Stopping a local Ray that the run started: every one of its processes, and quickly."""
+"""The local Ray a run starts: its warmed worker takes the first task, and its shutdown leaves
+nothing running."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# A Ray of the script's own, never one that RAY_ADDRESS names.
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 # In a fresh interpreter: the session's Ray (conftest) must not be the one stopped.
 SCRIPT = """
@@ -31,7 +35,7 @@ print(json.dumps({"pids": pids, "running": [p for ps in pids.values() for p in p
 
 def test_shutdown_stops_every_process_of_a_local_ray():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
+                          timeout=180, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # The monitor is the process stopped early; the others are stopped by Ray's own shutdown.
@@ -58,7 +62,7 @@ raycluster.shutdown()
 def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
     """Submitted while the warm-up still imports, it would start a cold worker instead."""
     proc = subprocess.run([sys.executable, "-c", WARM_SCRIPT], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
+                          timeout=180, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["warmed"]) == 1
