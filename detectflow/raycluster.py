@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # flow module pulls in Prefect, every task, the pipeline, torch and torchvision (~4 s of CPU
 # per fresh worker on this 2-core machine, measured in benchmarks/RESULTS.md).
 WARM_MODULES = ("flows.detect_objects",)
+_warming: list[ray.ObjectRef] = []  # warm-up tasks not yet waited for (await_warm_workers)
 
 
 def existing_cluster_address(address: str | None) -> str | None:
@@ -132,9 +133,6 @@ def shutdown() -> None:
         log.debug("could not stop Ray's autoscaler monitor early", exc_info=True)
     _warming.clear()
     ray.shutdown()
-
-
-_warming: list[ray.ObjectRef] = []  # warm-up tasks not yet waited for
 
 
 @ray.remote(num_cpus=0, max_retries=0)

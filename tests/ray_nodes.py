@@ -26,6 +26,14 @@ from pathlib import Path
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line (NUL-separated), or b"" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -140,17 +148,9 @@ class LocalCluster:
 
     def our_pids(self) -> list[int]:
         """Every process whose command line names our temp folder: raylets, GCS, workers."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if self.temp_dir.encode() in cmdline:
-                pids.append(int(entry.name))
-        return pids
+        return [int(entry.name) for entry in Path("/proc").iterdir()
+                if entry.name.isdigit() and int(entry.name) != os.getpid()
+                and self.temp_dir.encode() in cmdline(int(entry.name))]
 
     def stop(self, grace: float = 10) -> None:
         """Stop worker nodes, then the head; kill what is left of *this* cluster only."""

@@ -19,7 +19,7 @@ import s3fs
 from conftest import S3_SECRET, SMALL_MODEL
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from ray_nodes import LocalCluster
+from ray_nodes import LocalCluster, cmdline
 
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError, InputError, OutputError
@@ -287,14 +287,7 @@ def test_the_cluster_is_still_up_after_the_run(cluster, cluster_run):
     assert len(cluster.alive_nodes()) == 2
     assert all(proc.poll() is None for proc in cluster.procs)
     # A run stops the autoscaler monitor of a Ray it started, never a cluster's it joined.
-    assert any(b"autoscaler/_private/monitor.py" in _cmdline(pid) for pid in cluster.our_pids())
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone meanwhile
-        return b""
+    assert any(b"autoscaler/_private/monitor.py" in cmdline(pid) for pid in cluster.our_pids())
 
 
 def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefect_api, tmp_path,

@@ -4,19 +4,8 @@ since an import can only be observed once per process."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
-
-
-def run_fresh(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from fresh import run_fresh
 
 
 def test_an_actor_detects_without_loading_dynamo_which_stays_importable(small_weights,
