@@ -8,6 +8,7 @@ its task runs. We hand the flow's own API URL to every Ray worker through ``runt
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,17 +71,18 @@ class LazyRayTaskRunner(RayTaskRunner):
 
     @staticmethod
     def _run_prefect_task(*upstream_ray_obj_refs: Any, **kwargs: Any) -> Any:
-        """prefect-ray's remote function, then this worker's logs and events sent to the API.
+        """prefect-ray's remote function; on a local Ray of the run's own, then this worker's
+        logs and events sent to the API.
 
-        Prefect sends logs in 2-second batches from a background thread and flushes them only at
-        interpreter exit, which a Ray worker never reaches: ``ray.shutdown()`` kills it. Measured:
-        a run on its own local Ray lost the last ~2 s of task logs (validate_sample's,
-        write_parquet's, most of detect's). Flushing here costs one request per task.
+        Prefect sends logs in 2-second batches from a background thread and flushes them at
+        interpreter exit, which the workers of a local Ray never reach: its shutdown kills them
+        (``raycluster.FLUSH_LOGS``). Flushing costs ~10-200 ms per task, so only there.
         """
         try:
             return RayTaskRunner._run_prefect_task(*upstream_ray_obj_refs, **kwargs)
         finally:
-            flush_to_api()
+            if os.environ.get(raycluster.FLUSH_LOGS) == "1":
+                flush_to_api()
 
 
 def flush_to_api(timeout: float = 5.0) -> None:

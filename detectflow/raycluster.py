@@ -73,6 +73,13 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
+# Set in the workers of a local Ray this process starts. Its shutdown kills them before
+# Prefect's 2-second log batches leave (measured: validate_sample's, write_parquet's and most of
+# detect's logs lost), while a cluster's raylet ends a finished job's workers gracefully and their
+# exit flushes the logs (measured: none lost). See ``orchestration.LazyRayTaskRunner``.
+FLUSH_LOGS = "DETECTFLOW_FLUSH_TASK_LOGS"
+
+
 def connect(address: str | None, env: dict[str, str]):
     """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray) unless this
     process is connected already. Ray's context when it connected here (and so must disconnect),
@@ -103,6 +110,8 @@ def connect(address: str | None, env: dict[str, str]):
         # Nor with Ray's prestarted default workers: our tasks carry a runtime_env, so they run
         # in workers of their own and the two prestarted ones only burnt ~1 CPU-s each before
         # Ray killed them unused (measured per process).
+        # Its workers die with it, so each task sends its logs before returning (FLUSH_LOGS).
+        runtime_env["env_vars"] = env | {FLUSH_LOGS: "1"}
         context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
                            include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"),
                            _system_config={"prestart_worker_first_driver": False})
