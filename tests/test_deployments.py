@@ -16,6 +16,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 from conftest import free_port
+from settle import settled
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -216,7 +217,10 @@ def worker_run(server, deployed, small_weights, tmp_path_factory):
 
 
 def test_triggered_run_completes_every_stage_and_publishes(server, worker_run, sample_dir):
-    task_runs = _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [worker_run["id"]]}}})
+    task_runs = settled(  # the server records task-run states from events, after the flow
+        lambda: _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [worker_run["id"]]}}}),
+        lambda runs: len(runs) >= len(STAGES) and all(t["state_type"] == "COMPLETED"
+                                                      for t in runs))
     assert {t["name"].rsplit("-", 1)[0] for t in task_runs} == STAGES
     assert all(t["state_type"] == "COMPLETED" for t in task_runs)
     artifacts = {a["key"]: a for a in _filter(

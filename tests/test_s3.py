@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +14,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from settle import settled
 
 from detectflow import storage
 from detectflow.listing import _iter_s3, iter_images
@@ -70,33 +70,22 @@ def test_s3_to_s3_run_publishes_parquet_samples_and_manifest(s3_run, s3, small_w
     assert sum(len(b) for b in table.column("boxes").to_pylist()) > 0
 
 
-def _settled_logs(client, flow_run_id, at_least=6, timeout=60.0):
-    """The run's logs once they stop arriving: Ray workers ship theirs in the background."""
-    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-    deadline = time.monotonic() + timeout
-    logs, previous = [], -1
-    while time.monotonic() < deadline:
-        logs = client.read_logs(log_filter=log_filter)
-        if len(logs) >= at_least and len(logs) == previous:
-            break
-        previous = len(logs)
-        time.sleep(1.0)
-    return logs
-
-
 def test_no_secret_in_manifest_logs_artifacts_or_parameters(s3_run):
     fs = s3_run["fs"]
     texts = [fs.cat_file("detectflow-out/runs/s3-run/manifest.json").decode()]
     flow_run_id = s3_run["state"].state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        logs = _settled_logs(client, flow_run_id)
+        # Every task's last log and the flow's: Ray workers ship theirs in the background.
+        logs = settled(lambda: client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))),
+            lambda logs: sum(log.message.startswith("Finished in state") for log in logs) >= 7)
         texts += [log.message for log in logs]
         texts += [str(a.data) + str(a.description) for a in client.read_artifacts()
                   if a.flow_run_id == flow_run_id]
         texts += [str(t.task_inputs) for t in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))]
         texts.append(str(client.read_flow_run(flow_run_id).parameters))
-    assert len(logs) > 5
+    assert sum(log.message.startswith("Finished in state") for log in logs) >= 7, logs
     assert not [t for t in texts if S3_SECRET in t]
 
 

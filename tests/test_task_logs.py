@@ -10,6 +10,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from settle import all_completed, settled
 
 
 def test_every_task_runs_logs_reach_the_api_after_the_local_ray_is_gone(
@@ -27,9 +28,11 @@ def test_every_task_runs_logs_reach_the_api_after_the_local_ray_is_gone(
         """, timeout=300, PREFECT_API_URL=prefect_api)
     assert out["completed"]
     flow_run_id = out["flow_run_id"]
-    with get_client(sync_client=True) as client:  # read at once: no worker is left to send more
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    with get_client(sync_client=True) as client:
+        task_runs = settled(lambda: client.read_task_runs(  # states are recorded from events
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
+            lambda runs: all_completed(runs, 6))
+        # Logs are read once: no worker is left to send more.
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     by_task = {run.id: [log.message for log in logs if log.task_run_id == run.id]

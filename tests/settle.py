@@ -1,0 +1,26 @@
+"""Read the Prefect API until what a test checks has arrived: the server records task-run states
+from events, and workers ship logs in batches, so both can land after the flow has returned."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def settled(read: Callable[[], T], ready: Callable[[T], bool], timeout: float = 60.0) -> T:
+    """``read()`` until ``ready`` holds for its result or ``timeout`` passes; the last result
+    (the test's own assertion then says what is missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = read()
+        if ready(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def all_completed(task_runs, count: int) -> bool:
+    """``count`` task runs, each in a Completed state (as the recorder last saw it)."""
+    return len(task_runs) >= count and all(t.state and t.state.is_completed() for t in task_runs)
