@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     mark("CUDA context")
     net = models.build_model(args.model, 0.5)
     mark("build the model (random init)")
+    with models.weights_left_unfilled():
+        net = models.build_model(args.model, 0.5)
+    mark("build it again, fill skipped (as load_model does)")
     state = torch.load(args.weights, map_location="cpu", weights_only=True)
     mark("torch.load the weights")
     net.load_state_dict(state, strict=False)

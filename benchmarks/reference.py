@@ -43,7 +43,11 @@ class ObjectDetectionModel:
         from detectflow import models
 
         resolved = models.resolve_weights(model, weights, checksum=False)
-        self.model = models.load_model(model, resolved, score_threshold, "cpu")
+        # Built as the recipe's `fasterrcnn_resnet50_fpn_v2(weights=...)` builds it: every weight
+        # filled at random, then the checkpoint loaded (`models.load_model` skips the fill).
+        self.model = models.build_model(model, score_threshold)
+        state = torch.load(resolved.path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state, strict=False)
         if torch.cuda.is_available():
             self.model = self.model.cuda()
         self.model.eval()

@@ -49,6 +49,25 @@ def test_local_weights_file_is_hashed_and_loads(small_weights):
     assert not net.training
 
 
+@pytest.mark.parametrize("model", [SMALL, "fasterrcnn_resnet50_fpn_v2"])
+def test_loaded_model_equals_a_randomly_built_one_given_the_same_weights(model, tmp_path):
+    """load_model skips torchvision's random fill; every tensor must still come from the file."""
+    torch.manual_seed(0)
+    saved = models.build_model(model).state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(saved, path)
+    net = load_model(model, resolve_weights(model, str(path)), 0.05)
+    probe = torch.nn.init.normal_(torch.zeros(1000))
+    assert probe.abs().sum() > 0  # torch's fill functions are its own again
+    plain = models.build_model(model)
+    plain.load_state_dict(saved)
+    plain.eval()
+    ours = dict(net.named_parameters()) | dict(net.named_buffers())
+    theirs = dict(plain.named_parameters()) | dict(plain.named_buffers())
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+
 def test_missing_weights_file_names_model_and_path(tmp_path):
     with pytest.raises(WeightsError, match=f"{SMALL}: file not found: .*nope.pth"):
         resolve_weights(SMALL, str(tmp_path / "nope.pth"))
