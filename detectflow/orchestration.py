@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,12 +87,19 @@ class LazyRayTaskRunner(RayTaskRunner):
 
 
 def flush_to_api(timeout: float = 5.0) -> None:
-    """Send this process's queued Prefect logs and events now (each service restarts on use)."""
+    """Send this process's queued Prefect logs and events now (each service restarts on use).
+
+    Best effort, at most ``timeout`` per queue: an API that is down or slow must not fail or
+    stall the task whose logs these are.
+    """
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
-    APILogWorker.drain_all(timeout=timeout)
-    EventsWorker.drain_all(timeout=timeout)
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - logging must never fail a task
+            print(f"detectflow: could not flush {service.__name__}: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager
