@@ -170,6 +170,7 @@ def weights_left_unfilled():
     thread; 0.015 s without). The pattern of transformers' ``no_init_weights``; safe because
     ``load_model`` refuses weights that leave any parameter or buffer out. Building on the meta
     device would do the same, but entering it loads TorchDynamo (seconds, see RESULTS.md).
+    The patch is process-wide for the ~15 ms of the build: an actor builds before it takes work.
     """
     import torch.nn.init as init
 
