@@ -21,6 +21,11 @@ def settled(read: Callable[[], T], ready: Callable[[T], bool], timeout: float = 
         time.sleep(0.5)
 
 
-def all_completed(task_runs, count: int) -> bool:
-    """``count`` task runs, each in a Completed state (as the recorder last saw it)."""
-    return len(task_runs) >= count and all(t.state and t.state.is_completed() for t in task_runs)
+def completed_task_runs(client, flow_run_id, count: int) -> list:
+    """The flow run's task runs, read until ``count`` of them are recorded, each Completed."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    return settled(lambda: client.read_task_runs(flow_run_filter=flow_run_filter),
+                   lambda runs: len(runs) >= count
+                   and all(t.state and t.state.is_completed() for t in runs))

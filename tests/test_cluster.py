@@ -18,9 +18,8 @@ import pytest
 import s3fs
 from conftest import S3_SECRET, SMALL_MODEL
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from ray_nodes import LocalCluster, cmdline
-from settle import all_completed, settled
+from settle import completed_task_runs
 
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError, InputError, OutputError
@@ -278,9 +277,7 @@ def test_task_runs_land_in_the_one_prefect_api(cluster_run, prefect_api):
     with get_client(sync_client=True) as client:
         runs = [r for r in client.read_flow_runs() if r.parameters.get("run_id") == "on-cluster"]
         assert len(runs) == 1 and runs[0].state.is_completed()
-        task_runs = settled(lambda: client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id]))),
-            lambda task_runs: all_completed(task_runs, len(STAGES)))
+        task_runs = completed_task_runs(client, runs[0].id, len(STAGES))
     assert STAGES <= {t.name.rsplit("-", 1)[0] for t in task_runs}
     assert all(t.state.is_completed() for t in task_runs)
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from parity import assert_same_detections
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from settle import all_completed, settled
+from settle import completed_task_runs
 from torchvision.io import ImageReadMode, decode_image
 
 from detectflow import models, storage
@@ -94,9 +93,7 @@ def test_samples_are_drawn_pngs_of_the_original_size(run):
 def test_every_task_run_lands_in_the_flow_api_completed(run):
     flow_run_id = run["state"].state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        task_runs = settled(lambda: client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
-            lambda runs: all_completed(runs, len(STAGES)))
+        task_runs = completed_task_runs(client, flow_run_id, len(STAGES))
         artifacts = {a.key for a in client.read_artifacts() if a.flow_run_id == flow_run_id}
     assert {t.name.rsplit("-", 1)[0] for t in task_runs} == STAGES
     assert all(t.state.is_completed() for t in task_runs) and len(task_runs) == len(STAGES)

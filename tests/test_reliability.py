@@ -22,8 +22,7 @@ import pytest
 import s3fs
 from flaky_s3 import FlakyS3
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from settle import all_completed, settled
+from settle import completed_task_runs
 
 from detectflow import resume, storage
 from flows.detect_objects import detect_objects
@@ -189,9 +188,7 @@ def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local,
     assert state.is_completed(), state.message
     assert len(proxy.refused) == attempts and proxy.passed  # refused, then let through
     with get_client(sync_client=True) as client:
-        task_runs = settled(lambda: client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))),
-            lambda runs: all_completed(runs, 6))
+        task_runs = completed_task_runs(client, state.state_details.flow_run_id, 6)
     runs = {t.name.rsplit("-", 1)[0]: t for t in task_runs}
     assert runs["list_images"].run_count == 2 and runs["list_images"].state.is_completed()
     assert all(t.state.is_completed() for t in task_runs)

@@ -9,12 +9,10 @@ import s3fs
 from conftest import S3_SECRET
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
-from settle import settled
+from settle import completed_task_runs, settled
 
 from detectflow import storage
 from detectflow.listing import _iter_s3, iter_images
@@ -70,6 +68,11 @@ def test_s3_to_s3_run_publishes_parquet_samples_and_manifest(s3_run, s3, small_w
     assert sum(len(b) for b in table.column("boxes").to_pylist()) > 0
 
 
+def _finished(logs) -> int:
+    """Logs that end a run: one per task run and one for the flow run."""
+    return sum(log.message.startswith("Finished in state") for log in logs)
+
+
 def test_no_secret_in_manifest_logs_artifacts_or_parameters(s3_run):
     fs = s3_run["fs"]
     texts = [fs.cat_file("detectflow-out/runs/s3-run/manifest.json").decode()]
@@ -77,15 +80,13 @@ def test_no_secret_in_manifest_logs_artifacts_or_parameters(s3_run):
     with get_client(sync_client=True) as client:
         # Every task's last log and the flow's: Ray workers ship theirs in the background.
         logs = settled(lambda: client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))),
-            lambda logs: sum(log.message.startswith("Finished in state") for log in logs) >= 7)
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))), lambda logs: _finished(logs) >= 7)
         texts += [log.message for log in logs]
         texts += [str(a.data) + str(a.description) for a in client.read_artifacts()
                   if a.flow_run_id == flow_run_id]
-        texts += [str(t.task_inputs) for t in client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))]
+        texts += [str(t.task_inputs) for t in completed_task_runs(client, flow_run_id, 6)]
         texts.append(str(client.read_flow_run(flow_run_id).parameters))
-    assert sum(log.message.startswith("Finished in state") for log in logs) >= 7, logs
+    assert _finished(logs) >= 7, logs
     assert not [t for t in texts if S3_SECRET in t]
 
 

@@ -5,12 +5,10 @@ from conftest import SMALL_MODEL
 from fresh import run_fresh
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    FlowRunFilter,
-    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
-from settle import all_completed, settled
+from settle import completed_task_runs
 
 
 def test_every_task_runs_logs_reach_the_api_after_the_local_ray_is_gone(
@@ -29,9 +27,7 @@ def test_every_task_runs_logs_reach_the_api_after_the_local_ray_is_gone(
     assert out["completed"]
     flow_run_id = out["flow_run_id"]
     with get_client(sync_client=True) as client:
-        task_runs = settled(lambda: client.read_task_runs(  # states are recorded from events
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))),
-            lambda runs: all_completed(runs, 6))
+        task_runs = completed_task_runs(client, flow_run_id, 6)
         # Logs are read once: no worker is left to send more.
         logs = client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
