@@ -26,29 +26,31 @@ _EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TemporaryApiServer:
     """A Prefect API server on a free loopback port, for the lifetime of one ``detectflow run``."""
 
     def __init__(self) -> None:
         import importlib.util
 
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self._log = tempfile.TemporaryFile()
-        app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, **_EPHEMERAL_ENV}, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+        # The port is bound and listening here and the socket handed to uvicorn (``--fd``): a
+        # port merely found free and bound seconds later by the server could meanwhile be taken,
+        # e.g. as the local end of any outgoing connection (both come from the kernel's
+        # ephemeral range), and the run would fail at once. Clients that connect before the
+        # server is up wait in the listen backlog instead of being refused.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(128)
+            self.port = sock.getsockname()[1]
+            self.url = f"http://127.0.0.1:{self.port}/api"
+            self._log = tempfile.TemporaryFile()
+            app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+                 "prefect.server.api.server:create_app", "--fd", str(sock.fileno()),
+                 "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, **_EPHEMERAL_ENV}, stdout=self._log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
+            )
 
     def wait(self, timeout: float) -> str:
         """Block until the server answers its health check; its URL."""

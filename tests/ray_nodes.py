@@ -10,6 +10,7 @@ cluster's unique temp folder in its command line.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,9 +36,21 @@ def cmdline(pid: int) -> bytes:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, for a server that binds it seconds later.
+
+    Not one the kernel hands out (``bind(0)``): those come from its ephemeral range, which is
+    also where the local end of every outgoing connection comes from, so one could take the
+    port before the server binds it. Nor Ray's worker ports (10002-19999 by default).
+    """
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 @dataclass

@@ -247,7 +247,10 @@ class CrashingRun:
 
     def kill(self) -> None:
         victims = _descendants(self.proc.pid)
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the run had already exited: its log says why
+            pass
         for pid in victims:  # those that left the session (Ray's reaper) too
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,37 @@
+"""The temporary Prefect API server that `detectflow run` starts when no API is configured."""
+
+import socket
+import uuid
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from detectflow.api_server import TemporaryApiServer
+
+
+def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # a database of its own
+    server = TemporaryApiServer()
+    try:
+        # Bound before the server process has even imported Prefect: nothing can take the port
+        # (a run once failed when the port it had only found free was gone seconds later).
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", server.port))
+        # A client that connects this early waits in the backlog and is answered.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as early:
+            early.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert early.recv(64).startswith(b"HTTP/1.1 200")
+        assert server.wait(120) == server.url
+        name = f"api-server-{uuid.uuid4().hex[:8]}"
+        with temporary_settings({PREFECT_API_URL: server.url}), \
+                get_client(sync_client=True) as client:
+            flow_id = client.create_flow_from_name(name)
+            assert client.read_flow(flow_id).name == name
+    finally:
+        server.stop()
+    assert server.process.returncode is not None
+    with socket.socket() as again:  # and gives it back (SO_REUSEADDR: closed connections may
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # linger in TIME_WAIT)
+        again.bind(("127.0.0.1", server.port))
+        again.listen()
