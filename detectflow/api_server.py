@@ -26,6 +26,21 @@ _EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def listening_socket() -> socket.socket:
+    """A loopback TCP socket on a free port, listening, with ``TCP_NODELAY`` for what it accepts.
+
+    uvicorn wraps a socket passed by ``--fd`` as a Unix socket, so asyncio never sets
+    ``TCP_NODELAY`` on its connections, and every response then waited ~40 ms for a delayed ACK
+    (measured: 44 ms per health check instead of 1 ms). Linux gives accepted sockets the
+    listener's ``TCP_NODELAY``.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
 class TemporaryApiServer:
     """A Prefect API server on a free loopback port, for the lifetime of one ``detectflow run``."""
 
@@ -37,9 +52,7 @@ class TemporaryApiServer:
         # e.g. as the local end of any outgoing connection (both come from the kernel's
         # ephemeral range), and the run would fail at once. Clients that connect before the
         # server is up wait in the listen backlog instead of being refused.
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(128)
+        with listening_socket() as sock:
             self.port = sock.getsockname()[1]
             self.url = f"http://127.0.0.1:{self.port}/api"
             self._log = tempfile.TemporaryFile()

@@ -7,7 +7,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from detectflow.api_server import TemporaryApiServer
+from detectflow.api_server import TemporaryApiServer, listening_socket
 
 
 def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkeypatch):
@@ -35,3 +35,14 @@ def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkey
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # linger in TIME_WAIT)
         again.bind(("127.0.0.1", server.port))
         again.listen()
+
+
+def test_connections_it_accepts_send_small_responses_at_once():
+    """uvicorn treats a ``--fd`` socket as a Unix socket and never sets ``TCP_NODELAY`` on its
+    connections; without it every response waited for a delayed ACK (44 ms instead of 1 ms per
+    API call, measured). The listener's option is what each accepted connection gets."""
+    with listening_socket() as listener, \
+            socket.create_connection(listener.getsockname(), timeout=10):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
