@@ -3,8 +3,8 @@
 Without ``PREFECT_API_URL`` Prefect starts this server itself, but only once the flow is called,
 after every import (~4 s here) and, in our flow, before Ray starts: the three waits added up
 (benchmarks/RESULTS.md). This module starts the same server (the command and environment of
-Prefect's ephemeral mode, ``prefect.server.api.server.SubprocessASGIServer``) in a subprocess
-before anything heavy is imported, so its start-up overlaps ours. The flow is then pointed at
+Prefect's ephemeral mode, ``prefect.server.api.server.SubprocessASGIServer``, but on a socket
+we bind first) in a subprocess before anything heavy is imported, so its start-up overlaps ours. The flow is then pointed at
 it with ``PREFECT_API_URL``, the setting Prefect documents for a server of one's own.
 """
 
