@@ -4,8 +4,9 @@ Without ``PREFECT_API_URL`` Prefect starts this server itself, but only once the
 after every import (~4 s here) and, in our flow, before Ray starts: the three waits added up
 (benchmarks/RESULTS.md). This module starts the same server (the command and environment of
 Prefect's ephemeral mode, ``prefect.server.api.server.SubprocessASGIServer``, but on a socket
-we bind first) in a subprocess before anything heavy is imported, so its start-up overlaps ours. The flow is then pointed at
-it with ``PREFECT_API_URL``, the setting Prefect documents for a server of one's own.
+we bind first) in a subprocess before anything heavy is imported, so its start-up overlaps ours.
+The flow is then pointed at it with ``PREFECT_API_URL``, the setting Prefect documents for a
+server of one's own.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ class TemporaryApiServer:
         # e.g. as the local end of any outgoing connection (both come from the kernel's
         # ephemeral range), and the run would fail at once. Clients that connect before the
         # server is up wait in the listen backlog instead of being refused.
-        with listening_socket() as sock:
+        self._log = tempfile.TemporaryFile()
+        app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
+        with listening_socket() as sock:  # the child keeps its copy; ours closes after the spawn
             self.port = sock.getsockname()[1]
             self.url = f"http://127.0.0.1:{self.port}/api"
-            self._log = tempfile.TemporaryFile()
-            app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
                  "prefect.server.api.server:create_app", "--fd", str(sock.fileno()),

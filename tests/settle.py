@@ -29,3 +29,11 @@ def completed_task_runs(client, flow_run_id, count: int) -> list:
     return settled(lambda: client.read_task_runs(flow_run_filter=flow_run_filter),
                    lambda runs: len(runs) >= count
                    and all(t.state and t.state.is_completed() for t in runs))
+
+
+def flow_run_logs(client, flow_run_id) -> list:
+    """The flow run's logs as the API holds them now."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    flow_run = LogFilterFlowRunId(any_=[flow_run_id])
+    return client.read_logs(log_filter=LogFilter(flow_run_id=flow_run))

@@ -8,11 +8,7 @@ import pytest
 import s3fs
 from conftest import S3_SECRET
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    LogFilter,
-    LogFilterFlowRunId,
-)
-from settle import completed_task_runs, settled
+from settle import completed_task_runs, flow_run_logs, settled
 
 from detectflow import storage
 from detectflow.listing import _iter_s3, iter_images
@@ -79,8 +75,8 @@ def test_no_secret_in_manifest_logs_artifacts_or_parameters(s3_run):
     flow_run_id = s3_run["state"].state_details.flow_run_id
     with get_client(sync_client=True) as client:
         # Every task's last log and the flow's: Ray workers ship theirs in the background.
-        logs = settled(lambda: client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))), lambda logs: _finished(logs) >= 7)
+        logs = settled(lambda: flow_run_logs(client, flow_run_id),
+                       lambda logs: _finished(logs) >= 7)
         texts += [log.message for log in logs]
         texts += [str(a.data) + str(a.description) for a in client.read_artifacts()
                   if a.flow_run_id == flow_run_id]

@@ -4,11 +4,7 @@ last task: ``ray.shutdown()`` kills the workers before Prefect's 2-second log ba
 from conftest import SMALL_MODEL
 from fresh import run_fresh
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import (
-    LogFilter,
-    LogFilterFlowRunId,
-)
-from settle import completed_task_runs
+from settle import completed_task_runs, flow_run_logs
 
 
 def test_every_task_runs_logs_reach_the_api_after_the_local_ray_is_gone(
@@ -29,8 +25,7 @@ def test_every_task_runs_logs_reach_the_api_after_the_local_ray_is_gone(
     with get_client(sync_client=True) as client:
         task_runs = completed_task_runs(client, flow_run_id, 6)
         # Logs are read once: no worker is left to send more.
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        logs = flow_run_logs(client, flow_run_id)
     by_task = {run.id: [log.message for log in logs if log.task_run_id == run.id]
                for run in task_runs}
     names = {run.id: run.name.rsplit("-", 1)[0] for run in task_runs}
