@@ -85,8 +85,11 @@ class TemporaryApiServer:
                               f"SECONDS): {self._tail()}")
 
     def _tail(self) -> str:
-        self._log.seek(0)
-        lines = self._log.read().decode(errors="replace").strip().splitlines()
+        # pread, not seek: the server writes through the same open file (and offset), so a seek
+        # made while it is still writing would have it overwrite its earlier lines.
+        fd = self._log.fileno()
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        lines = text.strip().splitlines()
         return lines[-1][:300] if lines else "no output"
 
     def stop(self) -> None:

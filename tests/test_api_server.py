@@ -8,6 +8,7 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from detectflow.api_server import TemporaryApiServer, listening_socket
+from detectflow.errors import DetectflowError
 
 
 def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkeypatch):
@@ -46,3 +47,15 @@ def test_connections_it_accepts_send_small_responses_at_once():
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_a_server_that_cannot_start_fails_with_its_own_last_line(monkeypatch):
+    """The run's error names the server's reason (read back from its log while it may still be
+    writing there), not just an exit code."""
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "nope://nowhere")
+    server = TemporaryApiServer()
+    try:
+        with pytest.raises(DetectflowError, match=r"exited with code \d+: .*nope"):
+            server.wait(120)
+    finally:
+        server.stop()
