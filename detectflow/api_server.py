@@ -54,13 +54,14 @@ class TemporaryApiServer:
         # ephemeral range), and the run would fail at once. Clients that connect before the
         # server is up wait in the listen backlog instead of being refused.
         self._log = tempfile.TemporaryFile()
-        app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("prefect").origin))
+        # Prefect's own app (``api_app``: built without cyclic garbage collection).
+        app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("detectflow").origin))
         with listening_socket() as sock:  # the child keeps its copy; ours closes after the spawn
             self.port = sock.getsockname()[1]
             self.url = f"http://127.0.0.1:{self.port}/api"
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
-                 "prefect.server.api.server:create_app", "--fd", str(sock.fileno()),
+                 "detectflow.api_app:create_app", "--fd", str(sock.fileno()),
                  "--log-level", "error", "--lifespan", "on"],
                 env={**os.environ, **_EPHEMERAL_ENV}, stdout=self._log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),),

@@ -94,31 +94,39 @@ def run(args: argparse.Namespace) -> int:
     Prefect's API server in a subprocess from the first moment, Ray in the main thread (its
     processes die with the thread that started them) while a thread imports Prefect and the
     flow; the flow starts when all three are ready."""
-    from detectflow.config import parse_config
+    from detectflow.gcpause import collection_paused
 
-    params = {k: v for k, v in vars(args).items() if k != "command"}
-    cfg = parse_config(**params).with_run_id()
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        from detectflow.api_server import TemporaryApiServer
-
-        server = TemporaryApiServer()
-        # A plain atexit hook runs after Prefect's own exit hooks have sent the last logs and
-        # events to this server; stopping it any earlier makes them retry for a minute.
-        atexit.register(server.stop)
-    from detectflow import raycluster, storage
-    from detectflow.preflight import preflight
-
-    storage.configure(cfg.s3_endpoint_url)
-    preflight(cfg)  # seconds, not minutes, to learn that weights, input or output are unusable
-    flow = _Background(_import_flow, server)  # torch and Ray are imported by now, Prefect isn't
-    api_url = server.url if server else os.environ["PREFECT_API_URL"]
-    connected = raycluster.connect(cfg.ray_address,
-                                   raycluster.worker_env(api_url, cfg.s3_endpoint_url))
+    connected = None
     try:
-        detect_objects, settings = flow.result()
-        if settings is not None:
-            server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        # The start-up's imports run without cyclic garbage collection (``gcpause``); the flow
+        # itself collects as usual.
+        with collection_paused():
+            from detectflow.config import parse_config
+
+            params = {k: v for k, v in vars(args).items() if k != "command"}
+            cfg = parse_config(**params).with_run_id()
+            server = None
+            if not os.environ.get("PREFECT_API_URL"):
+                from detectflow.api_server import TemporaryApiServer
+
+                server = TemporaryApiServer()
+                # A plain atexit hook runs after Prefect's own exit hooks have sent the last
+                # logs and events to this server; stopping it any earlier makes them retry for
+                # a minute.
+                atexit.register(server.stop)
+            from detectflow import raycluster, storage
+            from detectflow.preflight import preflight
+
+            storage.configure(cfg.s3_endpoint_url)
+            # Seconds, not minutes, to learn that weights, input or output are unusable.
+            preflight(cfg)
+            flow = _Background(_import_flow, server)  # Ray is imported by now, Prefect isn't
+            api_url = server.url if server else os.environ["PREFECT_API_URL"]
+            connected = raycluster.connect(cfg.ray_address,
+                                           raycluster.worker_env(api_url, cfg.s3_endpoint_url))
+            detect_objects, settings = flow.result()
+            if settings is not None:
+                server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         flow_params = {k: v for k, v in cfg.model_dump().items()
                        if k in detect_objects.parameters.properties}
         with settings if settings is not None else contextlib.nullcontext():

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from detectflow import imaging, models, storage
+from detectflow import gcpause, imaging, models, storage
 from detectflow.schema import detection_row, rows_to_table
 
 if TYPE_CHECKING:
@@ -173,15 +173,16 @@ class Detector:
         self.model_name = model
         self.run_id = run_id
         self.score_threshold = score_threshold
-        import torch
+        with gcpause.collection_paused():  # torch's imports and the model's build (gcpause)
+            import torch
 
-        self.device = pick_device(num_gpus, device)
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, cpu_threads))
-        resolved = models.resolve_weights(model, weights, checksum=False)
-        self.model = tune_for_device(
-            models.load_model(model, resolved, score_threshold, self.device), self.device,
-            channels_last)
+            self.device = pick_device(num_gpus, device)
+            if self.device == "cpu":
+                torch.set_num_threads(max(1, cpu_threads))
+            resolved = models.resolve_weights(model, weights, checksum=False)
+            self.model = tune_for_device(
+                models.load_model(model, resolved, score_threshold, self.device), self.device,
+                channels_last)
         self._local = threading.local()  # each thread's CUDA stream (``gpu_streams`` > 1)
         self.transforms = models.default_weights(model).transforms()
         self.categories = models.categories(model)

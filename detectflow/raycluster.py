@@ -148,8 +148,11 @@ def shutdown() -> None:
 def _import_our_code(modules: tuple[str, ...]) -> int:
     import importlib
 
-    for name in modules:
-        importlib.import_module(name)
+    from detectflow.gcpause import collection_paused
+
+    with collection_paused():
+        for name in modules:
+            importlib.import_module(name)
     return os.getpid()
 
 

@@ -41,10 +41,15 @@ def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
 
         @ray.remote(num_cpus=0)
         def pid():
-            return os.getpid()
+            import gc
+            return os.getpid(), gc.isenabled(), gc.get_freeze_count()
 
         print(json.dumps({"warmed": warmed, "first_task": ray.get(pid.remote())}))
         raycluster.shutdown()
         """, timeout=180)
     assert len(out["warmed"]) == 1
-    assert out["first_task"] == out["warmed"][0]
+    first_pid, collecting, frozen = out["first_task"]
+    assert first_pid == out["warmed"][0]
+    # The warm-up imported with collection paused (gcpause), and turned it back on.
+    assert collecting is True
+    assert frozen > 10_000
