@@ -7,7 +7,7 @@ from detectflow.gcpause import collection_paused
 
 def create_app():
     """``prefect.server.api.server.create_app``; its imports and build run without cyclic
-    garbage collection (``gcpause``), ~0.6 CPU-s less of a start-up that competes with ours."""
+    garbage collection (``gcpause``): 0.3-0.5 CPU-s less of a start-up that competes with ours."""
     with collection_paused():
         from prefect.server.api.server import create_app as prefect_create_app
 
