@@ -22,17 +22,22 @@ from collections.abc import Iterator
 _lock = threading.Lock()
 _depth = 0
 _was_enabled = True
+_freeze = True  # whether the current pause ends with gc.freeze()
 
 
 @contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
+def collection_paused(freeze: bool = True) -> Iterator[None]:
     """Collector off for the block; nested and concurrent blocks (threads) share one pause, which
-    ends with the last of them."""
-    global _depth, _was_enabled
+    ends with the last of them. ``freeze=False`` for a block that runs beside other work (a
+    background import): freezing then would also make permanent whatever that work holds at the
+    moment, and its cycles would never be collected."""
+    global _depth, _was_enabled, _freeze
     with _lock:
         if _depth == 0:
             _was_enabled = gc.isenabled()
+            _freeze = True
             gc.disable()
+        _freeze = _freeze and freeze
         _depth += 1
     try:
         yield
@@ -41,6 +46,7 @@ def collection_paused() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 gc.collect(0)
-                gc.freeze()
+                if _freeze:
+                    gc.freeze()
                 if _was_enabled:
                     gc.enable()

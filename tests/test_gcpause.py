@@ -45,6 +45,14 @@ def test_cycles_dropped_in_the_block_are_freed_not_frozen():
     assert gone() is None
 
 
+def test_a_block_beside_other_work_ends_without_freezing_even_when_nested():
+    frozen_before = gc.get_freeze_count()
+    with collection_paused(), collection_paused(freeze=False):
+        _kept = [[i] for i in range(1000)]
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen_before
+
+
 def test_an_error_in_the_block_still_turns_collection_back_on():
     with pytest.raises(RuntimeError, match="boom"), collection_paused():
         raise RuntimeError("boom")
