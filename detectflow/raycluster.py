@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from detectflow.errors import ConfigError
+from detectflow.gcpause import collection_paused
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +150,21 @@ def shutdown() -> None:
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _import_our_code(modules: tuple[str, ...], later: tuple[str, ...] = ()) -> int:
-    import importlib
-
-    from detectflow.gcpause import collection_paused
-
-    with collection_paused():
-        for name in modules:
-            importlib.import_module(name)
-    if later:
-        threading.Thread(target=_import_in_background, args=(later,), daemon=True,
-                         name="detectflow-import").start()
+def _import_our_code() -> int:
+    _import(WARM_MODULES)
+    threading.Thread(target=_import_later, daemon=True, name="detectflow-import").start()
     return os.getpid()
 
 
-def _import_in_background(modules: tuple[str, ...]) -> None:
-    import importlib
+def _import(modules: tuple[str, ...], freeze: bool = True) -> None:
+    with collection_paused(freeze=freeze):
+        for name in modules:
+            importlib.import_module(name)
 
-    from detectflow.gcpause import collection_paused
 
+def _import_later() -> None:
     try:
-        with collection_paused(freeze=False):  # the worker runs a task meanwhile
-            for name in modules:
-                importlib.import_module(name)
+        _import(LATER_MODULES, freeze=False)  # the worker runs a task meanwhile
     except Exception:  # the task that needs it imports it again and reports the error
         log.debug("a background import failed", exc_info=True)
 
@@ -183,8 +176,7 @@ def warm_workers(count: int) -> list[ray.ObjectRef]:
     job and runtime_env, so the first Prefect task and the first decode task skip those imports.
     Holds no CPU; a failure here only means a cold worker later.
     """
-    _warming[:] = [_import_our_code.remote(WARM_MODULES, LATER_MODULES)
-                   for _ in range(max(0, count))]
+    _warming[:] = [_import_our_code.remote() for _ in range(max(0, count))]
     return list(_warming)
 
 
