@@ -17,18 +17,20 @@ from benchmarks.limit import load_inputs, load_net, loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name → (precision, channels_last, cudnn_benchmark, tf32 matmuls)
+# name → (precision, channels_last, cudnn_benchmark, tf32 matmuls, folded batch norms)
 SETTINGS = {
-    "fp32": ("fp32", False, False, False),
-    "fp32, cudnn benchmark": ("fp32", False, True, False),
-    "fp32, channels-last": ("fp32", True, False, False),
-    "fp32, channels-last, cudnn benchmark": ("fp32", True, True, False),
-    "fp32, tf32 matmul": ("fp32", False, False, True),
-    "fp16": ("fp16", False, False, False),
-    "fp16, cudnn benchmark": ("fp16", False, True, False),
-    "fp16, channels-last": ("fp16", True, False, False),
-    "fp16, channels-last, cudnn benchmark": ("fp16", True, True, False),
-    "bf16, channels-last, cudnn benchmark": ("bf16", True, True, False),
+    "fp32": ("fp32", False, False, False, False),
+    "fp32, cudnn benchmark": ("fp32", False, True, False, False),
+    "fp32, channels-last": ("fp32", True, False, False, False),
+    "fp32, channels-last, cudnn benchmark": ("fp32", True, True, False, False),
+    "fp32, tf32 matmul": ("fp32", False, False, True, False),
+    "fp32, folded BN": ("fp32", False, False, False, True),
+    "fp16": ("fp16", False, False, False, False),
+    "fp16, cudnn benchmark": ("fp16", False, True, False, False),
+    "fp16, channels-last": ("fp16", True, False, False, False),
+    "fp16, channels-last, cudnn benchmark": ("fp16", True, True, False, False),
+    "fp16, channels-last, folded BN": ("fp16", True, False, False, True),
+    "bf16, channels-last, cudnn benchmark": ("bf16", True, True, False, False),
 }
 
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--weights", default=None)
     p.add_argument("--only", default="", help="';'-separated setting names (default: all)")
-    p.add_argument("--profile", default="fp32;fp16, channels-last, cudnn benchmark",
+    p.add_argument("--profile", default="fp32;fp16, channels-last, cudnn benchmark;"
+                   "fp16, channels-last, folded BN",
                    help="';'-separated settings to profile ('' for none)")
     p.add_argument("--profile-rows", type=int, default=14)
     p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
@@ -115,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__}", flush=True)
     base_outs, results = None, []
     for name in only:
-        precision, channels_last, cudnn_benchmark, tf32 = SETTINGS[name]
+        precision, channels_last, cudnn_benchmark, tf32, fold = SETTINGS[name]
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = cudnn_benchmark  # measured, not used by the pipeline
         net = tune_for_device(load_net(model, weights, 0.5, args.device), args.device,
-                              channels_last)
+                              channels_last, fold)
         rate, outs = run_setting(net, inputs, args.batch, args.device, precision)
         base_outs = base_outs if base_outs is not None else outs
         boxes = sum(len(o["boxes"]) for o in outs)

@@ -122,9 +122,13 @@ def streams_loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, d
 
 
 def _worker(args: tuple, barrier, results) -> None:
-    images_dir, model, weights, threshold, batch, share, rank, procs = args
+    images_dir, model, weights, threshold, batch, share, rank, procs, fold = args
     torch.set_num_threads(1)
     net = load_net(model, weights, threshold, "cpu")
+    if fold:
+        from detectflow.bnfold import fold_batch_norms
+
+        fold_batch_norms(net)
     inputs = load_inputs(images_dir, "cpu", share * procs)[rank::procs]
     with torch.inference_mode():
         net(inputs[:batch])  # warm-up before everyone starts the clock
@@ -133,13 +137,14 @@ def _worker(args: tuple, barrier, results) -> None:
 
 
 def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: float,
-                  batch: int, images: int, procs: int) -> float:
+                  batch: int, images: int, procs: int, fold_batchnorm: bool = False) -> float:
     """Images/s of ``procs`` single-threaded processes looping at the same time."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     share = images // procs
     workers = [ctx.Process(target=_worker, args=(
-        (images_dir, model, weights, threshold, batch, share, rank, procs), barrier, results))
+        (images_dir, model, weights, threshold, batch, share, rank, procs, fold_batchnorm),
+        barrier, results))
         for rank in range(procs)]
     for w in workers:
         w.start()
@@ -152,7 +157,7 @@ def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: 
 def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold: float,
               device: str, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
               sweep_images: int = 48, precision: str = "fp32",
-              channels_last: bool = False, confirm: int = 2,
+              channels_last: bool = False, fold_batchnorm: bool = False, confirm: int = 2,
               streams: tuple[int, ...] = (2, 3)) -> dict[str, Any]:
     """Images/s for each way of running the bare loop, then the best of them measured again.
 
@@ -179,10 +184,10 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
         if layout in per_core:
             net, inputs = None, []  # no idle model copy in memory while the processes run
             return per_core_rate(images_dir, model, weights, score_threshold, per_core[layout],
-                                 sweep_images, procs)
+                                 sweep_images, procs, fold_batchnorm)
         if net is None:
             net = tune_for_device(load_net(model, weights, score_threshold, device), device,
-                                  channels_last)
+                                  channels_last, fold_batchnorm)
             inputs = load_inputs(images_dir, device, sweep_images)
         batch, threads = in_process[layout]
         if threads > 1:

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="GPU actors decode plain JPEGs (nvJPEG); decode tasks only read bytes")
     run.add_argument("--channels-last", action="store_true",
                      help="GPU actors run the model in the channels-last (NHWC) layout")
+    run.add_argument("--fold-batchnorm", action="store_true",
+                     help="fold batch norms into the convolutions before them (inference only)")
     run.add_argument("--gpu-streams", type=int, default=D["gpu_streams"],
                      help="batches each GPU actor runs at once, one CUDA stream each (default 2)")
     run.add_argument("--num-actors", type=int, default=None,

@@ -316,6 +316,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
             "device": cfg.device,
             "precision": cfg.precision,
             "channels_last": cfg.channels_last,
+            "fold_batchnorm": cfg.fold_batchnorm,
             "cpu_threads": actor_threads(plan),
         },
         batch_size=plan.batch_size,

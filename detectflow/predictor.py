@@ -144,10 +144,16 @@ def autocast(device: str, precision: str):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
-def tune_for_device(model: Any, device: str, channels_last: bool = False) -> Any:
-    """On a GPU, convolutions in the channels-last layout that tensor cores read natively: the
-    weights are reordered, not changed, and boxes differ only by float rounding (measured in
-    benchmarks/RESULTS.md, with the speed-up)."""
+def tune_for_device(model: Any, device: str, channels_last: bool = False,
+                    fold_batchnorm: bool = False) -> Any:
+    """Batch norms folded into their convolutions (``bnfold``; any device) and, on a GPU,
+    convolutions in the channels-last layout that tensor cores read natively: the weights are
+    reordered, not changed. Either way boxes differ only by float rounding (measured in
+    benchmarks/RESULTS.md, with the speed-ups)."""
+    if fold_batchnorm:
+        from detectflow.bnfold import fold_batch_norms
+
+        fold_batch_norms(model)
     if device != "cuda" or not channels_last:
         return model
     import torch
@@ -169,6 +175,7 @@ class Detector:
         cpu_threads: int = 1,
         precision: str = "fp32",
         channels_last: bool = False,
+        fold_batchnorm: bool = False,
     ) -> None:
         self.model_name = model
         self.run_id = run_id
@@ -182,7 +189,7 @@ class Detector:
             resolved = models.resolve_weights(model, weights, checksum=False)
             self.model = tune_for_device(
                 models.load_model(model, resolved, score_threshold, self.device), self.device,
-                channels_last)
+                channels_last, fold_batchnorm)
         self._local = threading.local()  # each thread's CUDA stream (``gpu_streams`` > 1)
         self.transforms = models.default_weights(model).transforms()
         self.categories = models.categories(model)

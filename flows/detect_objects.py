@@ -51,6 +51,7 @@ def detect_objects(
     precision: t.Precision = D["precision"],
     gpu_decode: t.GpuDecode = D["gpu_decode"],
     channels_last: t.ChannelsLast = D["channels_last"],
+    fold_batchnorm: t.FoldBatchNorm = D["fold_batchnorm"],
     gpu_streams: t.GpuStreams = D["gpu_streams"],
     num_actors: t.NumActors = D["num_actors"],
     max_actors: t.MaxActors = D["max_actors"],

@@ -44,8 +44,11 @@ def test_lever_variants_parse_and_pick_the_bounds_to_measure():
     assert gpu[0] == ("defaults", {}) and len(gpu) == 1 + len(GPU_LEVERS)
     assert variants("cpu", ["gpu decode:gpu_decode=true"])[1] == ("gpu decode",
                                                                   {"gpu_decode": True})
-    assert model_settings({}, gpu) == [("fp32", False), ("fp32", True), ("fp16", True)]
+    assert model_settings({}, gpu) == [("fp32", False, False), ("fp32", True, False),
+                                       ("fp16", True, False), ("fp16", True, True)]
     assert model_settings({"precision": "fp16"}, [("x", {"precision": "fp32"})]) == [
-        ("fp16", False), ("fp32", False)]
-    tuned = model_settings({}, [("x", {"channels_last": True, "gpu_streams": 2})])
-    assert [setting_label(s) for s in tuned] == ["fp32", "fp32, channels-last"]
+        ("fp16", False, False), ("fp32", False, False)]
+    tuned = model_settings({}, [("x", {"channels_last": True, "gpu_streams": 2}),
+                                ("y", {"fold_batchnorm": True})])
+    assert [setting_label(s) for s in tuned] == ["fp32", "fp32, channels-last",
+                                                 "fp32, folded BN"]
