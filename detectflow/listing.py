@@ -13,13 +13,14 @@ so staged detections keep pointing at the same images even if the input changed 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 
 from detectflow import storage
 from detectflow.errors import InputError
+from detectflow.publish import SAMPLES
 from detectflow.schema import LISTING_SCHEMA
 
 
@@ -49,24 +50,59 @@ def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:
             yield path, int(entries[path].get("size") or 0)
 
 
-def iter_images(input_uri: str, extensions: tuple[str, ...]) -> Iterator[tuple[str, int]]:
+def iter_images(
+    input_uri: str, extensions: tuple[str, ...], output_uri: str | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[tuple[str, int]]:
     """(uri, size) of every file under ``input_uri`` whose extension matches, in a stable order
-    (sorted by path). Storage errors become one :class:`InputError` line naming the URI."""
+    (sorted by path). Storage errors become one :class:`InputError` line naming the URI.
+
+    With ``output_uri`` inside (or equal to) the input, the sample pictures that runs drew there
+    are left out (appended to ``skipped``): the next run would otherwise detect objects in
+    pictures with the last run's boxes drawn on them, and publish those as input images."""
     fs, root = storage.get_fs(input_uri)
     prefix = storage.uri_prefix(input_uri)
     entries = _iter_fs(fs, root) if storage.is_local(input_uri) else _iter_s3(fs, root)
+    drawn_by_a_run = _samples_of_runs(input_uri, output_uri)
     try:
         for path, size in entries:
             name = path.rsplit("/", 1)[-1]
-            if not name.startswith(".") and name.lower().endswith(extensions):
-                yield prefix + path, size
+            if name.startswith(".") or not name.lower().endswith(extensions):
+                continue
+            if drawn_by_a_run(path):
+                if skipped is not None:
+                    skipped.append(prefix + path)
+                continue
+            yield prefix + path, size
     except Exception as exc:
         raise InputError(f"cannot list {input_uri}: {storage.explain(exc)}") from None
 
 
-def require_images(input_uri: str, extensions: tuple[str, ...]) -> None:
+def _samples_of_runs(input_uri: str, output_uri: str | None) -> Callable[[str], bool]:
+    """Whether a listed path is a sample picture of a run under ``output_uri``:
+    ``<output>/<run id>/samples/<name>.png``, the only images a run writes."""
+    def never(path: str) -> bool:
+        return False
+
+    if not output_uri or storage.is_local(input_uri) != storage.is_local(output_uri):
+        return never
+    root = storage.get_fs(input_uri)[1].rstrip("/")
+    out = storage.get_fs(output_uri)[1].rstrip("/")
+    if out != root and not out.startswith(root + "/"):
+        return never
+
+    def drawn(path: str) -> bool:
+        parts = path[len(out) + 1:].split("/") if path.startswith(out + "/") else []
+        return len(parts) == 3 and parts[1] == SAMPLES and parts[2].endswith(".png")
+
+    return drawn
+
+
+def require_images(
+    input_uri: str, extensions: tuple[str, ...], output_uri: str | None = None
+) -> None:
     """Fail in seconds, before any cluster starts, when there is nothing to process."""
-    if next(iter_images(input_uri, extensions), None) is None:
+    if next(iter_images(input_uri, extensions, output_uri), None) is None:
         raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
 
 
@@ -98,9 +134,11 @@ def write_listing(
     extensions: tuple[str, ...],
     shard_size: int,
     limit: int | None = None,
+    output_uri: str | None = None,
 ) -> dict[str, Any]:
     """Write ``listing_uri/shard-NNNNN.parquet`` files and the index; returns image and shard
-    counts. An intact listing already written with the same settings is reused as it is."""
+    counts (and how many sample pictures of runs under ``output_uri`` were left out, see
+    ``iter_images``). An intact listing already written with the same settings is reused."""
     key = {"input_uri": input_uri, "extensions": sorted(extensions), "shard_size": shard_size,
            "limit": limit}
     index = read_index(listing_uri)
@@ -121,7 +159,8 @@ def write_listing(
             shards += 1
             batch = []
 
-    for uri, size in iter_images(input_uri, extensions):
+    skipped: list[str] = []
+    for uri, size in iter_images(input_uri, extensions, output_uri, skipped):
         if limit is not None and count >= limit:
             break
         batch.append({"image_uri": uri, "size": size, "index": count, "shard": shards})
@@ -133,4 +172,4 @@ def write_listing(
         raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
     index = {"key": key, "images": count, "files": files}
     storage.atomic_write_bytes(index_uri(listing_uri), json.dumps(index).encode())
-    return {"images": count, "shards": shards, "reused": False}
+    return {"images": count, "shards": shards, "reused": False, "skipped_samples": len(skipped)}

@@ -71,6 +71,6 @@ def require_shared_storage(
 def preflight(cfg: RunConfig) -> dict[str, str]:
     """Weights identity once everything needed is known to be there."""
     weights = resolve_weights(cfg.model, cfg.weights).as_dict()
-    require_images(cfg.input_uri, cfg.extensions)
+    require_images(cfg.input_uri, cfg.extensions, cfg.output_uri)
     check_output(cfg.output_uri)
     return weights

@@ -14,9 +14,14 @@ from detectflow.publish import run_paths
 def list_images(cfg: RunConfig) -> dict:
     start = time.perf_counter()
     listing_uri = run_paths(cfg.run_uri)["listing"]
-    counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit)
-    get_run_logger().info(
+    counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit,
+                           output_uri=cfg.output_uri)
+    log = get_run_logger()
+    log.info(
         "%s %d images in %d shard(s) from %s", "reused the listing of" if counts["reused"]
         else "listed", counts["images"], counts["shards"], cfg.input_uri,
     )
+    if counts.get("skipped_samples"):
+        log.info("left out %d sample picture(s) that runs drew under the output %s",
+                 counts["skipped_samples"], cfg.output_uri)
     return {"listing_uri": listing_uri, **counts, "seconds": time.perf_counter() - start}

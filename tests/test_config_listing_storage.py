@@ -59,12 +59,38 @@ def test_listing_is_sorted_recursive_filtered(tmp_path):
     assert uris == [str(tmp_path / n) for n in ["a.png", "b.JPG", "sub/c.jpeg"]]
 
 
+def test_listing_leaves_out_only_the_samples_runs_drew_inside_the_input(tmp_path):
+    """Output inside (or equal to) the input: ``<output>/<run>/samples/*.png`` are a run's
+    drawings, not input; everything else there, and samples outside the output, are listed."""
+    inp = tmp_path / "in"
+    ours = ["results/run-1/samples/a.png", "results/20261127T1200Z-ab/samples/b.png"]
+    theirs = ["a.jpg", "results/photos/b.png", "results/run-1/samples/notes.jpg",
+              "results/run-1/samples/deeper/c.png", "other/run-1/samples/d.png",
+              "results/samples/e.png"]
+    for name in ours + theirs:
+        _touch(inp / name)
+    exts = (".jpg", ".png")
+    skipped: list[str] = []
+    listed = [u for u, _ in iter_images(str(inp), exts, str(inp / "results"), skipped)]
+    assert listed == sorted(str(inp / n) for n in theirs)
+    assert skipped == sorted(str(inp / n) for n in ours)
+    # The output is the input itself: run folders sit right under it.
+    listed = [u for u, _ in iter_images(str(inp / "results"), exts, str(inp / "results"))]
+    assert listed == sorted(str(inp / n) for n in theirs if n.startswith("results/"))
+    # Elsewhere, or not given: nothing is left out.
+    assert len(list(iter_images(str(inp), exts, str(tmp_path / "out")))) == len(ours + theirs)
+    assert len(list(iter_images(str(inp), exts))) == len(ours + theirs)
+    counts = write_listing(str(inp), str(tmp_path / "listing"), exts, 100,
+                           output_uri=str(inp / "results"))
+    assert (counts["images"], counts["skipped_samples"]) == (len(theirs), len(ours))
+
+
 def test_listing_shards_have_stable_positions_and_honour_limit(tmp_path):
     for i in range(7):
         _touch(tmp_path / "in" / f"{i:02d}.jpg")
     out = tmp_path / "listing"
     counts = write_listing(str(tmp_path / "in"), str(out), (".jpg",), shard_size=3, limit=5)
-    assert counts == {"images": 5, "shards": 2, "reused": False}
+    assert counts == {"images": 5, "shards": 2, "reused": False, "skipped_samples": 0}
     files = sorted(os.listdir(out))
     assert files == ["shard-00000.parquet", "shard-00001.parquet"]
     rows = pq.read_table(out / files[0]).to_pylist() + pq.read_table(out / files[1]).to_pylist()

@@ -117,6 +117,27 @@ def test_rerun_of_a_published_run_changes_nothing(run, sample_dir, small_weights
     assert {p: p.stat().st_mtime_ns for p in run["dir"].rglob("*")} == before
 
 
+def test_a_run_never_lists_the_samples_an_earlier_run_drew_inside_its_input(
+        ray_local, prefect_api, sample_dir, small_weights, tmp_path):
+    """Output inside the input (``--input photos --output photos/results``): the first run
+    draws its samples there, and the second must still list only the photos."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (photos / name).write_bytes((sample_dir / name).read_bytes())
+    results = photos / "results"
+    for run_id in ("first", "second"):
+        state = detect_objects(input_uri=str(photos), output_uri=str(results), model=SMALL,
+                               weights=str(small_weights), run_id=run_id, sample_size=2,
+                               return_state=True)
+        assert state.is_completed(), state.message
+    assert len(list((results / "first" / "samples").glob("*.png"))) == 2
+    manifest, tables = _read_table(results / "second")
+    assert manifest["counts"]["images"] == 2
+    assert tables[0].column("image_uri").to_pylist() == [str(photos / "chelsea.jpg"),
+                                                         str(photos / "coffee.jpg")]
+
+
 def test_empty_input_fails_the_run_with_one_clear_line(ray_local, prefect_api, tmp_path,
                                                        small_weights):
     (tmp_path / "empty").mkdir()
