@@ -29,13 +29,21 @@ def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
     however many keys the prefix holds."""
     bucket, _, prefix = path.partition("/")
     request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else "", "MaxKeys": page_size}
+    listed = False
     while True:
         page = fs.call_s3("list_objects_v2", **request)
         for obj in page.get("Contents", []):
+            listed = True
             yield f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0)
         if not page.get("IsTruncated"):
-            return
+            break
         request["ContinuationToken"] = page["NextContinuationToken"]
+    if not listed and prefix:  # one object named as the input, as a local file can be
+        try:
+            head = fs.call_s3("head_object", Bucket=bucket, Key=prefix)
+        except FileNotFoundError:
+            return
+        yield path, int(head.get("ContentLength") or 0)
 
 
 def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:

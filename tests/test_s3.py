@@ -93,6 +93,13 @@ def test_listing_streams_page_by_page_in_key_order(s3):
     assert keys == [f"detectflow-in/photos/{n}" for n in NAMES]
 
 
+def test_one_object_can_be_the_input_as_one_local_file_can(s3):
+    storage.configure(s3)
+    uri = f"s3://detectflow-in/photos/{NAMES[0]}"
+    assert [u for u, _ in iter_images(uri, (".jpg",))] == [uri]
+    assert list(iter_images("s3://detectflow-in/photos/missing.jpg", (".jpg",))) == []
+
+
 def test_aws_endpoint_url_environment_variable_is_honoured(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
     uris = [u for u, _ in iter_images("s3://detectflow-in", (".jpg",))]
