@@ -151,7 +151,8 @@ def write_listing(
            "limit": limit}
     index = read_index(listing_uri)
     if _reusable(index, key):
-        return {"images": index["images"], "shards": len(index["files"]), "reused": True}
+        return {"images": index["images"], "shards": len(index["files"]), "reused": True,
+                "skipped_samples": index.get("skipped_samples", 0)}
     storage.remove(index_uri(listing_uri))
     storage.remove(listing_uri)
     count = shards = 0
@@ -178,6 +179,6 @@ def write_listing(
     flush()
     if count == 0:
         raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
-    index = {"key": key, "images": count, "files": files}
+    index = {"key": key, "images": count, "files": files, "skipped_samples": len(skipped)}
     storage.atomic_write_bytes(index_uri(listing_uri), json.dumps(index).encode())
     return {"images": count, "shards": shards, "reused": False, "skipped_samples": len(skipped)}

@@ -80,9 +80,11 @@ def test_listing_leaves_out_only_the_samples_runs_drew_inside_the_input(tmp_path
     # Elsewhere, or not given: nothing is left out.
     assert len(list(iter_images(str(inp), exts, str(tmp_path / "out")))) == len(ours + theirs)
     assert len(list(iter_images(str(inp), exts))) == len(ours + theirs)
-    counts = write_listing(str(inp), str(tmp_path / "listing"), exts, 100,
-                           output_uri=str(inp / "results"))
-    assert (counts["images"], counts["skipped_samples"]) == (len(theirs), len(ours))
+    for reused in (False, True):
+        counts = write_listing(str(inp), str(tmp_path / "listing"), exts, 100,
+                               output_uri=str(inp / "results"))
+        assert counts == {"images": len(theirs), "shards": 1, "reused": reused,
+                          "skipped_samples": len(ours)}
 
 
 def test_listing_shards_have_stable_positions_and_honour_limit(tmp_path):
