@@ -13,6 +13,7 @@ so staged detections keep pointing at the same images even if the input changed 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,7 +47,34 @@ def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
         yield path, int(head.get("ContentLength") or 0)
 
 
+def _iter_local(root: str) -> Iterator[tuple[str, int]]:
+    """Walk a local tree one folder at a time, in the order of the sorted full paths (a folder's
+    entries sorted with a ``/`` after each subfolder's name): memory holds one folder's names,
+    never the whole tree's. Symlinked folders are followed once each."""
+    if os.path.isfile(root):
+        yield root, os.path.getsize(root)
+        return
+    if not os.path.isdir(root):
+        raise FileNotFoundError(root)
+    yield from _walk(root, set())
+
+
+def _walk(folder: str, seen: set[str]) -> Iterator[tuple[str, int]]:
+    real = os.path.realpath(folder)
+    if real in seen:  # a symlink back up the tree
+        return
+    seen.add(real)
+    with os.scandir(folder) as scan:
+        entries = sorted((e.name + "/" if e.is_dir() else e.name, e) for e in scan)
+    for key, entry in entries:
+        if key.endswith("/"):
+            yield from _walk(entry.path, seen)
+        elif entry.is_file():
+            yield entry.path, entry.stat().st_size
+
+
 def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:
+    """Any other fsspec filesystem (GCS, Azure, ...): its own recursive listing."""
     if fs.isfile(root):
         yield root, int(fs.info(root).get("size") or 0)
         return
@@ -70,7 +98,12 @@ def iter_images(
     pictures with the last run's boxes drawn on them, and publish those as input images."""
     fs, root = storage.get_fs(input_uri)
     prefix = storage.uri_prefix(input_uri)
-    entries = _iter_fs(fs, root) if storage.is_local(input_uri) else _iter_s3(fs, root)
+    if storage.is_local(input_uri):
+        entries = _iter_local(root)
+    elif input_uri.startswith(("s3://", "s3a://")):
+        entries = _iter_s3(fs, root)
+    else:
+        entries = _iter_fs(fs, root)
     drawn_by_a_run = _samples_of_runs(input_uri, output_uri)
     try:
         for path, size in entries:

@@ -59,6 +59,39 @@ def test_listing_is_sorted_recursive_filtered(tmp_path):
     assert uris == [str(tmp_path / n) for n in ["a.png", "b.JPG", "sub/c.jpeg"]]
 
 
+def test_local_walk_lists_in_sorted_path_order_and_follows_links_once(tmp_path):
+    """One folder at a time, yet exactly the order of the sorted full paths (``a.jpg`` before
+    ``a/…`` before ``a0.jpg``); symlinked files and folders are listed, a link loop ends."""
+    inp, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    names = ["a.jpg", "a/b.jpg", "a/b/c.jpg", "ab.jpg", "a b.jpg", "a-b/x.jpg", "A.jpg",
+             "a0.jpg", "z/y/x/w.jpg", "sub dir/é.jpg"]
+    for name in names:
+        _touch(inp / name)
+    _touch(elsewhere / "o.jpg")
+    (inp / "linked").symlink_to(elsewhere)
+    (inp / "f.jpg").symlink_to(elsewhere / "o.jpg")
+    (inp / "z" / "loop").symlink_to(inp)
+    listed = [u for u, _ in iter_images(str(inp), (".jpg",))]
+    expected = sorted([str(inp / n) for n in names] + [str(inp / "f.jpg"),
+                                                       str(inp / "linked" / "o.jpg")])
+    assert listed == expected
+    assert [size for _, size in iter_images(str(inp / "a.jpg"), (".jpg",))] == [1]
+
+
+def test_other_fsspec_filesystems_are_listed_with_their_own_find():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ["photos/b.jpg", "photos/a/c.png", "photos/notes.txt", "other/d.jpg"]:
+        fs.pipe_file(f"/listing-test/{name}", b"xyz")
+    try:
+        listed = list(iter_images("memory://listing-test/photos", (".jpg", ".png")))
+        assert listed == [("memory:///listing-test/photos/a/c.png", 3),
+                          ("memory:///listing-test/photos/b.jpg", 3)]
+    finally:
+        fs.rm("/listing-test", recursive=True)
+
+
 def test_listing_leaves_out_only_the_samples_runs_drew_inside_the_input(tmp_path):
     """Output inside (or equal to) the input: ``<output>/<run>/samples/*.png`` are a run's
     drawings, not input; everything else there, and samples outside the output, are listed."""
