@@ -4,10 +4,9 @@ import time
 
 from prefect import get_run_logger, task
 
-from detectflow import storage
 from detectflow.config import RunConfig
 from detectflow.orchestration import retry_unless_user_error
-from detectflow.publish import DETECTIONS, publish_shard, run_paths
+from detectflow.publish import publish_shards, run_paths
 
 
 @task(name="write_parquet", retries=2, retry_delay_seconds=2,
@@ -17,11 +16,7 @@ def write_parquet(cfg: RunConfig, detected: dict, weights: dict) -> dict:
     target = run_paths(cfg.run_uri)["detections"]
     metadata = {"detectflow.run_id": cfg.run_id, "detectflow.model": cfg.model,
                 "detectflow.weights_sha256": weights["sha256"]}
-    files = []
-    for staged in detected["staged"]:
-        name = f"part-{staged['shard']:05d}.parquet"
-        info = publish_shard(staged["uri"], storage.join(target, name), metadata)
-        files.append({"path": f"{DETECTIONS}/{name}", **info})
+    files = publish_shards(detected["staged"], target, metadata)
     rows = sum(f["rows"] for f in files)
     get_run_logger().info("wrote %d rows in %d Parquet file(s) to %s", rows, len(files), target)
     return {"files": files, "rows": rows, "seconds": time.perf_counter() - start}

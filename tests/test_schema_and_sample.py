@@ -84,3 +84,39 @@ def test_check_row_catches_wrong_label_names():
     row = _row()
     row["label_names"] = ["dog", "dog"]
     assert check_row(row, CATS)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_shards_publish_in_order_with_the_same_bytes_however_many_at_once(tmp_path, workers):
+    """``publish_shards`` (write_parquet's work): each staged shard becomes its part file,
+    rows in listing order, and the manifest entries come back in the staged order."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.publish import staged_table
+    from detectflow import storage
+    from detectflow.publish import publish_shards
+
+    rng = np.random.default_rng(1)
+    staged = []
+    for shard in (3, 0, 7, 1, 2):  # any order: the entries follow it
+        table = staged_table(shard, 20, 3, rng)
+        table = table.take(rng.permutation(table.num_rows))  # rows arrive out of order
+        uri = str(tmp_path / "staged" / f"shard-{shard:05d}.parquet")
+        staged.append({"shard": shard, "uri": uri, **storage.write_parquet(uri, table)})
+    files = publish_shards(staged, str(tmp_path / "detections"), {"detectflow.run_id": "r"},
+                           workers=workers)
+    assert [f["path"] for f in files] == [f"detections/part-{s['shard']:05d}.parquet"
+                                          for s in staged]
+    for entry in files:
+        data = (tmp_path / entry["path"]).read_bytes()
+        assert entry["sha256"] == storage.sha256_bytes(data) and entry["rows"] == 20
+        table = pq.read_table(tmp_path / entry["path"])
+        assert table.schema.equals(DETECTION_SCHEMA, check_metadata=False)
+        assert table.schema.metadata[b"detectflow.run_id"] == b"r"
+        shard = int(entry["path"][-13:-8])
+        assert table.column("image_uri").to_pylist() == [
+            f"s3://photos/2026/{shard:05d}/{i:04d}.jpg" for i in range(20)]
+    if workers > 1:  # the same bytes as one at a time
+        again = publish_shards(staged, str(tmp_path / "serial"), {"detectflow.run_id": "r"},
+                               workers=1)
+        assert [f["sha256"] for f in again] == [f["sha256"] for f in files]
