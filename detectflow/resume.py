@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -46,6 +47,22 @@ def write_staged(
     sidecar = {**entry, "listing_sha256": listing_sha256, "fingerprint": key}
     storage.atomic_write_bytes(staged_uri(staging_uri, shard, "json"), json.dumps(sidecar).encode())
     return entry
+
+
+_SIDECAR = re.compile(r"shard-(\d{5,})\.json")
+
+
+def staged_shards(staging_uri: str) -> set[int]:
+    """The shards that have a sidecar in ``staging_uri``, from one listing of the folder. Only
+    those can be reused; asking for every shard's sidecar instead costs a fresh run of 10^7
+    images 10^4 requests for objects that do not exist before its first image."""
+    fs, path = storage.get_fs(staging_uri)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return set()
+    return {int(m.group(1)) for name in names
+            if (m := _SIDECAR.fullmatch(name.rstrip("/").rsplit("/", 1)[-1]))}
 
 
 def load_staged(

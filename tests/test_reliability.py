@@ -313,6 +313,35 @@ def test_resume_reuses_verified_shards_and_infers_only_the_rest(tmp_path, photos
     assert len(manifest["output"]["files"]) == 6 and manifest["counts"]["images"] == PHOTOS
 
 
+def _staged_folder_with_sidecars(staging: str, shards=(0, 2, 11)) -> None:
+    from detectflow.config import RunConfig
+    from detectflow.schema import detection_row, rows_to_table
+
+    key = resume.fingerprint(RunConfig(model=SMALL, run_id="unit", output_uri="/tmp"))
+    for shard in shards:
+        table = rows_to_table([detection_row(image_uri=f"/x/{shard}.jpg", index=shard,
+                                             shard=shard, width=4, height=4, model=SMALL,
+                                             run_id="unit")])
+        resume.write_staged(staging, shard, table, "listing-sha", key)
+    # A crash between a shard and its sidecar leaves the shard alone; other files are not ours.
+    storage.atomic_write_bytes(resume.staged_uri(staging, 5), b"half")
+    storage.atomic_write_bytes(storage.join(staging, "notes.json"), b"{}")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_only_shards_with_a_sidecar_are_read_back(tmp_path, where, request):
+    """One listing of the staging folder says which shards an earlier attempt staged: a fresh
+    run asks for no staged shard at all, a resumed one only for those."""
+    if where == "s3":
+        storage.configure(request.getfixturevalue("s3"))
+        staging = "s3://detectflow-out/resume-listing/_staging/detections"
+    else:
+        staging = str(tmp_path / "_staging" / "detections")
+    assert resume.staged_shards(staging) == set()  # nothing staged yet, not even the folder
+    _staged_folder_with_sidecars(staging)
+    assert resume.staged_shards(staging) == {0, 2, 11}
+
+
 def test_staged_shard_is_reused_only_when_complete_and_current(tmp_path):
     from detectflow.config import RunConfig
     from detectflow.schema import detection_row, rows_to_table
