@@ -56,7 +56,7 @@ def publish_shards(staged: list[dict[str, Any]], detections_uri: str, metadata: 
 
     A shard is a read, a re-encode and a write. On object storage its two round trips dominate,
     and a large run has thousands of shards, so ``workers`` shards are in flight at once
-    (pyarrow encodes and fsspec waits without holding the GIL; benchmarks/publish.py)."""
+    (pyarrow encodes and fsspec waits without holding the GIL; benchmarks/shards.py)."""
     def one(entry: dict[str, Any]) -> dict[str, Any]:
         name = f"part-{entry['shard']:05d}.parquet"
         target = storage.join(detections_uri, name)

@@ -92,7 +92,7 @@ def test_shards_publish_in_order_with_the_same_bytes_however_many_at_once(tmp_pa
     rows in listing order, and the manifest entries come back in the staged order."""
     import pyarrow.parquet as pq
 
-    from benchmarks.publish import staged_table
+    from benchmarks.shards import staged_table
     from detectflow import storage
     from detectflow.publish import publish_shards
 

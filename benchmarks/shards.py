@@ -1,11 +1,16 @@
-"""The write_parquet stage at scale: staged shards published one at a time vs several at once.
+"""A run's per-shard storage work at scale (a run of 10^7 images has 10^4 shards).
 
-``python -m benchmarks.publish [--shards 200] [--workers 1,8]`` writes ``--shards`` staged shards
-of ``--rows`` detection rows each to a local folder and to a real S3 server on loopback (moto's
-standalone mode, as the tests use), then times ``publish.publish_shards`` with each worker count,
-alternating, and prints one table. A run of 10^7 images has 10^4 shards. Loopback S3 answers in
-about a millisecond where S3 itself takes tens: the gain measured here is the least a real bucket
-would see.
+``python -m benchmarks.shards [--shards 200] [--workers 1,8]``, on a local folder and on a real S3
+server on loopback (moto's standalone mode, as the tests use), prints two tables:
+
+- **publish** (the write_parquet stage): ``--shards`` staged shards of ``--rows`` detection rows
+  published by ``publish.publish_shards`` with each worker count, alternating;
+- **staged check** (before the detect stage's first image, on a fresh run): asking for every
+  shard's sidecar, as the stage did, against one listing of the staging folder
+  (``resume.staged_shards``), as it does now.
+
+Loopback S3 answers in about a millisecond where S3 itself takes tens: the gains measured here are
+the least a real bucket would see.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.publish", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.shards", description=__doc__)
     p.add_argument("--shards", type=int, default=200)
     p.add_argument("--rows", type=int, default=1000, help="rows per shard (the default shard size)")
     p.add_argument("--boxes", type=int, default=10, help="detections per row")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         storage.configure(url)
         storage.get_fs("s3://bench-publish")[0].mkdir("bench-publish")
         roots["s3 (loopback)"] = "s3://bench-publish/run"
-    rows = []
+    rows, checks = [], []
     try:
         for where, root in roots.items():
             staged = []
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 best = min(seconds[w])
                 rows.append((where, w, args.shards, size >> 20, best, args.shards / best,
                              base / best, seconds[w]))
+            checks.append((where, *staged_check(root, args.shards)))
     finally:
         if proc:
             proc.terminate()
@@ -122,7 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     for where, w, n, mib, best, rate, ratio, runs in rows:
         print(f"{where} | {w} | {n} | {mib} | {best:.2f} | {rate:.1f} | {ratio:.2f}x | "
               + ", ".join(f"{s:.2f}" for s in runs))
+    print(f"\nstaged check of a fresh run ({args.shards} shards, nothing staged); best of 2")
+    print("storage | a read per shard s | one listing s | x")
+    print("--- | --- | --- | ---")
+    for where, per_shard, listing in checks:
+        print(f"{where} | {per_shard:.3f} | {listing:.3f} | {per_shard / listing:.0f}x")
     return 0
+
+
+def staged_check(root: str, shards: int) -> tuple[float, float]:
+    """Seconds to find that none of ``shards`` is staged: a read per shard, then one listing."""
+    from detectflow import resume
+
+    staging = storage.join(root, "_fresh", "_staging", "detections")
+    per_shard, listing = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        assert all(resume.load_staged(staging, k, 1000, "", "") is None for k in range(shards))
+        per_shard.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        assert resume.staged_shards(staging) == set()
+        listing.append(time.perf_counter() - start)
+    return min(per_shard), min(listing)
 
 
 if __name__ == "__main__":
