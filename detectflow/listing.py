@@ -13,6 +13,7 @@ so staged detections keep pointing at the same images even if the input changed 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +24,8 @@ from detectflow import storage
 from detectflow.errors import InputError
 from detectflow.publish import SAMPLES
 from detectflow.schema import LISTING_SCHEMA
+
+log = logging.getLogger(__name__)
 
 
 def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
@@ -56,16 +59,24 @@ def _iter_local(root: str) -> Iterator[tuple[str, int]]:
         return
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
-    yield from _walk(root, set())
+    yield from _walk(root, set(), top=True)
 
 
-def _walk(folder: str, seen: set[str]) -> Iterator[tuple[str, int]]:
+def _walk(folder: str, seen: set[str], top: bool = False) -> Iterator[tuple[str, int]]:
     real = os.path.realpath(folder)
     if real in seen:  # a symlink back up the tree
         return
     seen.add(real)
-    with os.scandir(folder) as scan:
-        entries = sorted((e.name + "/" if e.is_dir() else e.name, e) for e in scan)
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted((e.name + "/" if e.is_dir() else e.name, e) for e in scan)
+    except OSError as exc:
+        if top:
+            raise
+        # An unreadable subfolder (a volume's lost+found) or one removed meanwhile: skipped, as
+        # fsspec's walk did, but said.
+        log.warning("listing skipped %s: %s", folder, exc.strerror or type(exc).__name__)
+        return
     for key, entry in entries:
         if key.endswith("/"):
             yield from _walk(entry.path, seen)

@@ -1,6 +1,7 @@
 """Configuration validation, listing order/filters/sharding, atomic storage writes."""
 
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -76,6 +77,21 @@ def test_local_walk_lists_in_sorted_path_order_and_follows_links_once(tmp_path):
                                                        str(inp / "linked" / "o.jpg")])
     assert listed == expected
     assert [size for _, size in iter_images(str(inp / "a.jpg"), (".jpg",))] == [1]
+
+
+def test_a_subfolder_that_cannot_be_read_is_skipped_and_said(tmp_path, caplog):
+    """A subfolder gone (or unreadable) by the time the walk reaches it is left out with a
+    warning, as fsspec's walk left it out; the input folder itself must be readable."""
+    for name in ["a/1.jpg", "b/2.jpg", "c/3.jpg"]:
+        _touch(tmp_path / name)
+    walk = iter_images(str(tmp_path), (".jpg",))
+    assert next(walk)[0] == str(tmp_path / "a" / "1.jpg")
+    shutil.rmtree(tmp_path / "b")  # removed after the walk listed the top folder
+    with caplog.at_level("WARNING", logger="detectflow.listing"):
+        assert [u for u, _ in walk] == [str(tmp_path / "c" / "3.jpg")]
+    assert f"listing skipped {tmp_path / 'b'}" in caplog.text
+    with pytest.raises(InputError, match="cannot list"):
+        list(iter_images(str(tmp_path / "missing"), (".jpg",)))
 
 
 def test_other_fsspec_filesystems_are_listed_with_their_own_find():
