@@ -23,6 +23,8 @@ def fold_batch_norms(model: nn.Module) -> int:
     """Fold every batch norm a convolution feeds directly into it (the norm becomes an
     ``nn.Identity``); how many were folded. The model must be in eval mode: a batch norm in
     training mode normalises with each batch's own statistics and cannot be folded."""
+    if any(isinstance(m, nn.BatchNorm2d) and m.training for m in model.modules()):
+        raise ValueError("batch norms can only be folded in eval mode (model.eval())")
     folded = 0
     for parent in list(model.modules()):
         for conv_name, norm_name in _pairs(parent):
@@ -60,11 +62,8 @@ def _norm_types() -> tuple[type, ...]:
 def _foldable(conv: nn.Module, norm: nn.Module) -> bool:
     if type(conv) is not nn.Conv2d or not isinstance(norm, _norm_types()):
         return False
-    if isinstance(norm, nn.BatchNorm2d):
-        if norm.training:
-            raise ValueError("batch norms can only be folded in eval mode (model.eval())")
-        if norm.running_mean is None:  # track_running_stats=False: batch statistics always
-            return False
+    if isinstance(norm, nn.BatchNorm2d) and norm.running_mean is None:
+        return False  # track_running_stats=False: it always normalises with batch statistics
     return norm.running_mean.numel() == conv.out_channels
 
 

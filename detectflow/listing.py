@@ -115,7 +115,7 @@ def iter_images(
         entries = _iter_s3(fs, root)
     else:
         entries = _iter_fs(fs, root)
-    drawn_by_a_run = _samples_of_runs(input_uri, output_uri)
+    drawn_by_a_run = _samples_of_runs(input_uri, root, output_uri)
     try:
         for path, size in entries:
             name = path.rsplit("/", 1)[-1]
@@ -130,15 +130,16 @@ def iter_images(
         raise InputError(f"cannot list {input_uri}: {storage.explain(exc)}") from None
 
 
-def _samples_of_runs(input_uri: str, output_uri: str | None) -> Callable[[str], bool]:
-    """Whether a listed path is a sample picture of a run under ``output_uri``:
-    ``<output>/<run id>/samples/<name>.png``, the only images a run writes."""
+def _samples_of_runs(input_uri: str, root: str, output_uri: str | None) -> Callable[[str], bool]:
+    """Whether a listed path (under ``root``, the input's path) is a sample picture of a run
+    under ``output_uri``: ``<output>/<run id>/samples/<name>.png``, the only images a run
+    writes."""
     def never(path: str) -> bool:
         return False
 
     if not output_uri or storage.is_local(input_uri) != storage.is_local(output_uri):
         return never
-    root = storage.get_fs(input_uri)[1].rstrip("/")
+    root = root.rstrip("/")
     out = storage.get_fs(output_uri)[1].rstrip("/")
     if out != root and not out.startswith(root + "/"):
         return never

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -339,26 +338,6 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     return ds
 
 
-def _staged_tables(staging_uri: str, shards: list[dict[str, Any]], key: str,
-                   workers: int = 8, chunk: int = 64) -> Iterator[tuple[Any, Any] | None]:
-    """Per listing shard, in order: what an earlier attempt staged for it and still verifies,
-    else None. Only shards with a sidecar are read (``resume.staged_shards``), ``workers`` at a
-    time, and at most ``chunk`` tables are held at once."""
-    present = resume.staged_shards(staging_uri)
-
-    def load(f: dict[str, Any]):
-        if f["shard"] not in present:
-            return None
-        return resume.load_staged(staging_uri, f["shard"], f["rows"], f["sha256"], key)
-
-    if not present:
-        yield from (None for _ in shards)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="resume") as pool:
-        for i in range(0, len(shards), chunk):
-            yield from pool.map(load, shards[i:i + chunk])
-
-
 def run_detection(
     cfg: RunConfig,
     listing_uri: str,
@@ -380,7 +359,7 @@ def run_detection(
     stats = DetectStats()
     start = time.perf_counter()
     reused, todo = [], []
-    for f, found in zip(shards, _staged_tables(staging_uri, shards, key)):
+    for f, found in zip(shards, resume.reusable_shards(staging_uri, shards, key)):
         if found is None:
             todo.append(f["uri"])
             continue

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ MANIFEST = "manifest.json"
 DETECTIONS = "detections"
 SAMPLES = "samples"
 STAGING = "_staging"
-PUBLISH_WORKERS = 8  # shards published at once (publish_shards)
 
 
 def run_paths(run_uri: str) -> dict[str, str]:
@@ -50,23 +48,16 @@ def publish_shard(staged_uri: str, target_uri: str, metadata: dict[str, str]) ->
 
 
 def publish_shards(staged: list[dict[str, Any]], detections_uri: str, metadata: dict[str, str],
-                   workers: int = PUBLISH_WORKERS) -> list[dict[str, Any]]:
+                   workers: int = storage.IO_WORKERS) -> list[dict[str, Any]]:
     """Publish each staged shard as ``detections_uri/part-NNNNN.parquet``; the manifest's file
-    entries, in the order of ``staged``.
-
-    A shard is a read, a re-encode and a write. On object storage its two round trips dominate,
-    and a large run has thousands of shards, so ``workers`` shards are in flight at once
-    (pyarrow encodes and fsspec waits without holding the GIL; benchmarks/shards.py)."""
+    entries, in the order of ``staged``. A shard is a read, a re-encode and a write, and a large
+    run has thousands: ``workers`` are in flight at once (benchmarks/shards.py)."""
     def one(entry: dict[str, Any]) -> dict[str, Any]:
         name = f"part-{entry['shard']:05d}.parquet"
         target = storage.join(detections_uri, name)
         return {"path": f"{DETECTIONS}/{name}", **publish_shard(entry["uri"], target, metadata)}
 
-    if workers <= 1 or len(staged) <= 1:
-        return [one(entry) for entry in staged]
-    with ThreadPoolExecutor(max_workers=min(workers, len(staged)),
-                            thread_name_prefix="publish") as pool:
-        return list(pool.map(one, staged))
+    return list(storage.map_concurrently(one, staged, workers))
 
 
 def installed_version(package: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -83,3 +84,20 @@ def load_staged(
         return None
     return {"shard": shard, "uri": uri, "rows": rows, "bytes": len(data),
             "sha256": sidecar["sha256"]}, table
+
+
+def reusable_shards(
+    staging_uri: str, shards: list[dict[str, Any]], key: str
+) -> Iterator[tuple[dict[str, Any], pa.Table] | None]:
+    """Per listing shard (``shard``, ``rows``, ``sha256`` of its listing), in order: what an
+    earlier attempt staged for it that still verifies (``load_staged``), else None. Only shards
+    with a sidecar are read, a few at a time (``storage.map_concurrently``); a fresh run reads
+    none."""
+    present = staged_shards(staging_uri)
+
+    def load(f: dict[str, Any]):
+        if f["shard"] not in present:
+            return None
+        return load_staged(staging_uri, f["shard"], f["rows"], f["sha256"], key)
+
+    return storage.map_concurrently(load, shards, storage.IO_WORKERS if present else 1)

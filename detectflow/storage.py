@@ -12,7 +12,9 @@ import os
 import posixpath
 import re
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -23,6 +25,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Set per process by configure(): an S3-compatible endpoint (MinIO, Ceph, R2, a test server).
 _ENDPOINT: dict[str, str | None] = {"url": None}
 ANONYMOUS = "anonymous@"
+# Requests in flight at once where a run does one per shard (thousands in a large run): object
+# storage's round trips dominate, and fsspec waits and pyarrow encodes without the GIL.
+IO_WORKERS = 8
+T = TypeVar("T")
 # Fail in seconds, not minutes, when an endpoint is unreachable; still ride out a blip.
 _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60,
               "retries": {"max_attempts": 3, "mode": "standard"}}
@@ -169,3 +175,17 @@ def arrow_fs(uri: str):
 
     fs, path = get_fs(uri)
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def map_concurrently(fn: Callable[[Any], T], items: Iterable[Any], workers: int = IO_WORKERS,
+                     held: int = 64) -> Iterator[T]:
+    """``fn`` over ``items``, ``workers`` calls at a time, results in the items' order; at most
+    ``held`` results wait to be consumed. One worker (or one item) runs in the caller's thread."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(items)),
+                            thread_name_prefix="storage-io") as pool:
+        for i in range(0, len(items), held):
+            yield from pool.map(fn, items[i:i + held])

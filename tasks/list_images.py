@@ -21,7 +21,7 @@ def list_images(cfg: RunConfig) -> dict:
         "%s %d images in %d shard(s) from %s", "reused the listing of" if counts["reused"]
         else "listed", counts["images"], counts["shards"], cfg.input_uri,
     )
-    if counts.get("skipped_samples"):
+    if counts["skipped_samples"]:
         log.info("left out %d sample picture(s) that runs drew under the output %s",
                  counts["skipped_samples"], cfg.output_uri)
     return {"listing_uri": listing_uri, **counts, "seconds": time.perf_counter() - start}
