@@ -122,13 +122,11 @@ def streams_loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, d
 
 
 def _worker(args: tuple, barrier, results) -> None:
-    images_dir, model, weights, threshold, batch, share, rank, procs, fold = args
-    torch.set_num_threads(1)
-    net = load_net(model, weights, threshold, "cpu")
-    if fold:
-        from detectflow.bnfold import fold_batch_norms
+    images_dir, model, weights, threshold, batch, share, rank, procs, channels_last, fold = args
+    from detectflow.predictor import tune_for_device
 
-        fold_batch_norms(net)
+    torch.set_num_threads(1)
+    net = tune_for_device(load_net(model, weights, threshold, "cpu"), "cpu", channels_last, fold)
     inputs = load_inputs(images_dir, "cpu", share * procs)[rank::procs]
     with torch.inference_mode():
         net(inputs[:batch])  # warm-up before everyone starts the clock
@@ -137,13 +135,15 @@ def _worker(args: tuple, barrier, results) -> None:
 
 
 def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: float,
-                  batch: int, images: int, procs: int, fold_batchnorm: bool = False) -> float:
+                  batch: int, images: int, procs: int, channels_last: bool = False,
+                  fold_batchnorm: bool = False) -> float:
     """Images/s of ``procs`` single-threaded processes looping at the same time."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     share = images // procs
     workers = [ctx.Process(target=_worker, args=(
-        (images_dir, model, weights, threshold, batch, share, rank, procs, fold_batchnorm),
+        (images_dir, model, weights, threshold, batch, share, rank, procs, channels_last,
+         fold_batchnorm),
         barrier, results))
         for rank in range(procs)]
     for w in workers:
@@ -184,7 +184,7 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
         if layout in per_core:
             net, inputs = None, []  # no idle model copy in memory while the processes run
             return per_core_rate(images_dir, model, weights, score_threshold, per_core[layout],
-                                 sweep_images, procs, fold_batchnorm)
+                                 sweep_images, procs, channels_last, fold_batchnorm)
         if net is None:
             net = tune_for_device(load_net(model, weights, score_threshold, device), device,
                                   channels_last, fold_batchnorm)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.limit import run_limit
 
             batches = (1, 2, 4, 8, 16) if args.device == "cuda" else (1, 2, 4, 8)
-            for setting in model_settings(ours, runs):
+            for setting in model_settings(ours, runs, args.device):
                 label = setting_label(setting)
                 precision, channels_last, fold = setting
                 lim = attempt(notes, f"limit {label}", run_limit, images, model, weights,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                lim["images"] / lim["rate"], lim["rate"], lim["rate"],
                                lim["peaks"].rss, lim["peaks"].pss, limit=lim["rate"],
                                kind="bound"))
-            limit_rate = limits.get(model_setting(ours))
+            limit_rate = limits.get(model_setting(ours, args.device))
         if {"reference", "detect"} - skip:
             rows += run_on_ray(args, images, work, model, weights, ours, skip, notes, cache,
                                runs, limits)
@@ -212,11 +212,13 @@ def attempt(notes: list[str], name: str, fn, *args, **kwargs):
         return None
 
 
-def model_setting(params: dict) -> tuple[str, bool, bool]:
+def model_setting(params: dict, device: str) -> tuple[str, bool, bool]:
     """What changes the bare model's own speed, so that each gets its own bound: precision,
-    memory layout and folded batch norms."""
-    return (params.get("precision", "fp32"), bool(params.get("channels_last")),
-            bool(params.get("fold_batchnorm")))
+    memory layout and folded batch norms (as ``predictor.model_tuning`` resolves them)."""
+    from detectflow.predictor import model_tuning
+
+    return (params.get("precision", "fp32"),
+            *model_tuning(device, params.get("channels_last"), params.get("fold_batchnorm")))
 
 
 def setting_label(setting: tuple[str, bool, bool]) -> str:
@@ -224,11 +226,12 @@ def setting_label(setting: tuple[str, bool, bool]) -> str:
     return precision + ", channels-last" * channels_last + ", folded BN" * fold
 
 
-def model_settings(ours: dict, runs: list[tuple[str, dict]]) -> list[tuple[str, bool, bool]]:
+def model_settings(ours: dict, runs: list[tuple[str, dict]],
+                   device: str) -> list[tuple[str, bool, bool]]:
     """The settings the bare model is measured at: ours', then any a variant uses."""
-    seen = [model_setting(ours)]
+    seen = [model_setting(ours, device)]
     for _, extra in runs:
-        if (setting := model_setting({**ours, **extra})) not in seen:
+        if (setting := model_setting({**ours, **extra}, device)) not in seen:
             seen.append(setting)
     return seen
 
@@ -299,7 +302,7 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
                 notes.append(f"ours ({name}) {n} images: {det['plan'].describe()}; "
                              f"{det['detections']} boxes, {det['failed']} failed")
                 emit(rows, _ray_row(f"ours: detect stage ({name})", det,
-                                    limits.get(model_setting(params))))
+                                    limits.get(model_setting(params, args.device))))
     finally:
         ray.shutdown()
     return rows
@@ -330,16 +333,22 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), parse_sets([f for f in fields.split(",") if f])
 
 
+# On CPU the defaults fold batch norms and use channels-last; this row runs the model as built.
+CPU_UNTUNED = "model as built: batch norms, NCHW"
+
+
 def variants(device: str, given: list[str] | None = None) -> list[tuple[str, dict]]:
     """Our detect stage with its defaults first, then the levers: ``given`` ones, else on a GPU
-    ``GPU_LEVERS`` and on CPU the layout the defaults replaced (one actor using every thread)."""
+    ``GPU_LEVERS`` and on CPU what the defaults replaced (one actor using every thread; the
+    model as built, without folding or channels-last)."""
     if given is None and device == "cuda":
         given = list(GPU_LEVERS)
     if given is not None:
         return [("defaults", {})] + [parse_variant(v) for v in given]
     if (os.cpu_count() or 1) < 2:
         return [("defaults", {})]
-    return [("defaults", {}), ("1 actor, all threads", {"cpus_per_actor": 1.0})]
+    return [("defaults", {}), ("1 actor, all threads", {"cpus_per_actor": 1.0}),
+            (CPU_UNTUNED, {"channels_last": False, "fold_batchnorm": False})]
 
 
 def _ray_row(name: str, result: dict, limit: float | None = None):

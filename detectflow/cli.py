@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bf16/fp16: autocast inference (for GPUs; default fp32)")
     run.add_argument("--gpu-decode", action="store_true",
                      help="GPU actors decode plain JPEGs (nvJPEG); decode tasks only read bytes")
-    run.add_argument("--channels-last", action="store_true",
-                     help="GPU actors run the model in the channels-last (NHWC) layout")
-    run.add_argument("--fold-batchnorm", action="store_true",
-                     help="fold batch norms into the convolutions before them (inference only)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the model in the channels-last (NHWC) layout "
+                          "(default: on for CPU actors, off for GPUs)")
+    run.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                     help="fold batch norms into the convolutions before them "
+                          "(default: on for CPU actors, off for GPUs)")
     run.add_argument("--gpu-streams", type=int, default=D["gpu_streams"],
                      help="batches each GPU actor runs at once, one CUDA stream each (default 2)")
     run.add_argument("--num-actors", type=int, default=None,

@@ -107,15 +107,17 @@ GpuDecode = Annotated[
                       "the bytes); other images are decoded on CPU as usual."),
 ]
 ChannelsLast = Annotated[
-    bool,
-    Field(description="GPU actors run the model in the channels-last (NHWC) layout that tensor "
-                      "cores read natively: faster; boxes move by float rounding."),
+    bool | None,
+    Field(description="Run the model in the channels-last (NHWC) layout that tensor cores and "
+                      "oneDNN's CPU kernels read natively: faster; boxes move by float rounding. "
+                      "Empty (default): on for CPU actors, off for GPU actors."),
 ]
 FoldBatchNorm = Annotated[
-    bool,
+    bool | None,
     Field(description="Fold each batch norm into the convolution before it once the weights are "
-                      "loaded: the same function without the norm's pass over the activations "
-                      "(17% of the default model's GPU time); boxes move by float rounding."),
+                      "loaded: the same function without the norm's pass over the activations; "
+                      "boxes move by float rounding. Empty (default): on for CPU actors, off for "
+                      "GPU actors."),
 ]
 GpuStreams = Annotated[
     int,
@@ -151,8 +153,8 @@ class RunConfig(BaseModel):
     device: Device = "auto"
     precision: Precision = "fp32"
     gpu_decode: GpuDecode = False
-    channels_last: ChannelsLast = False
-    fold_batchnorm: FoldBatchNorm = False
+    channels_last: ChannelsLast = None  # None: on for CPU actors (predictor.model_tuning)
+    fold_batchnorm: FoldBatchNorm = None
     gpu_streams: GpuStreams = 2
     num_actors: NumActors = None
     max_actors: MaxActors = None

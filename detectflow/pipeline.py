@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from detectflow import failpoints, listing, resume, storage
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError
-from detectflow.predictor import Detector, decode_batch
+from detectflow.predictor import Detector, decode_batch, model_tuning
 
 MAX_LISTED_FAILURES = 1000
 DECODE_BATCH = 16
@@ -59,6 +59,8 @@ class ResourcePlan:
     object_store_bytes: int | None = None  # Ray Data's budget for this dataset; None: Ray's own
     gpu_decode: bool = False  # plain JPEGs shipped encoded and decoded by the GPU actors
     streams: int = 1  # batches each actor runs at once (GPU actors: one CUDA stream each)
+    channels_last: bool = False  # the model's layout and folding (predictor.model_tuning)
+    fold_batchnorm: bool = False
 
     def describe(self) -> str:
         pool = (f"{self.num_actors}-{self.max_actors}" if self.max_actors != self.num_actors
@@ -72,6 +74,8 @@ class ResourcePlan:
                if self.object_store_bytes else "")
             + ("; plain JPEGs decoded on the GPU" if self.gpu_decode else "")
             + (f"; {self.streams} batches at once per actor" if self.streams > 1 else "")
+            + ("; batch norms folded" if self.fold_batchnorm else "")
+            + ("; channels-last" if self.channels_last else "")
         )
 
     def actor_pool(self):
@@ -125,6 +129,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         low, high = _pool_bounds(cfg, 1)
         device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, cfg.cpus_per_actor or 1.0
     left = cpus - low * cpus_per_actor
+    tuning = model_tuning(device, cfg.channels_last, cfg.fold_batchnorm)
     if left < cfg.decode_cpus:
         raise ConfigError(
             f"{low} {device} actor(s) x {cpus_per_actor:g} CPU + {cfg.decode_cpus:g} for "
@@ -137,6 +142,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         object_store_bytes=object_store_budget(cfg, high, cluster.get("object_store_memory")),
         gpu_decode=cfg.gpu_decode and device == "cuda",
         streams=cfg.gpu_streams if device == "cuda" else 1,
+        channels_last=tuning[0], fold_batchnorm=tuning[1],
     )
 
 
@@ -315,8 +321,8 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
             "num_gpus": plan.gpus_per_actor,
             "device": cfg.device,
             "precision": cfg.precision,
-            "channels_last": cfg.channels_last,
-            "fold_batchnorm": cfg.fold_batchnorm,
+            "channels_last": plan.channels_last,
+            "fold_batchnorm": plan.fold_batchnorm,
             "cpu_threads": actor_threads(plan),
         },
         batch_size=plan.batch_size,

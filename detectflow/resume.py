@@ -28,9 +28,11 @@ def fingerprint(cfg: RunConfig, weights_sha256: str = "") -> str:
     key = {"model": cfg.model, "weights": cfg.weights, "weights_sha256": weights_sha256,
            "score_threshold": cfg.score_threshold, "max_image_side": cfg.max_image_side,
            "run_id": cfg.run_id, "precision": cfg.precision}
-    for option in ("gpu_decode", "channels_last", "fold_batchnorm"):
-        if getattr(cfg, option):  # only when set: shards staged before it existed stay valid
-            key[option] = True
+    if cfg.gpu_decode:  # only when set: shards staged before the option existed stay valid
+        key["gpu_decode"] = True
+    for option in ("channels_last", "fold_batchnorm"):  # as chosen; None: the device's default
+        if (value := getattr(cfg, option)) is not None:
+            key[option] = value
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

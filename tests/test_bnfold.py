@@ -15,7 +15,7 @@ from parity import assert_same_detections
 from detectflow import bnfold, models
 from detectflow.cli import build_parser
 from detectflow.config import RunConfig
-from detectflow.predictor import Detector, decode_batch
+from detectflow.predictor import Detector, decode_batch, model_tuning
 from detectflow.resume import fingerprint
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -83,23 +83,46 @@ def test_a_model_in_training_mode_is_refused():
         bnfold.fold_batch_norms(net)
 
 
-def test_folded_detector_finds_the_same_boxes(small_weights, sample_dir):
+def test_cpu_defaults_fold_and_go_channels_last_with_the_same_boxes(small_weights, sample_dir):
+    """On a CPU the defaults fold and reorder the model (measured faster there); the rows match
+    the untouched model's, and each lever alone too."""
     uris = [str(p) for p in sorted(sample_dir.glob("*.jpg"))]
     decoded = decode_batch(_listing(uris), max_side=4096)
-    plain = Detector(SMALL, str(small_weights), 0.5, run_id="unit")
-    folded = Detector(SMALL, str(small_weights), 0.5, run_id="unit", fold_batchnorm=True)
-    assert bnfold.batch_norms(plain.model) > 0 and bnfold.batch_norms(folded.model) == 0
-    want, got = plain(decoded).to_pylist(), folded(decoded).to_pylist()
+
+    def detector(**levers):
+        return Detector(SMALL, str(small_weights), 0.5, run_id="unit", device="cpu", **levers)
+
+    plain = detector(fold_batchnorm=False, channels_last=False)
+    want = plain(decoded).to_pylist()
     assert sum(len(r["boxes"]) for r in want) > 50
-    for row, ref in zip(got, want):
-        assert_same_detections(row, {k: torch.tensor(ref[k]) for k in ("boxes", "scores", "labels")})
+    assert bnfold.batch_norms(plain.model) > 0
+    for levers in ({}, {"fold_batchnorm": True, "channels_last": False},
+                   {"fold_batchnorm": False, "channels_last": True}):
+        tuned = detector(**levers)
+        folded = levers.get("fold_batchnorm", True)
+        assert (bnfold.batch_norms(tuned.model) == 0) == folded, levers
+        conv = tuned.model.backbone.body["0"][0].weight  # the stem's convolution
+        assert conv.is_contiguous(memory_format=torch.channels_last) == levers.get(
+            "channels_last", True), levers
+        for row, ref in zip(tuned(decoded).to_pylist(), want):
+            assert_same_detections(
+                row, {k: torch.tensor(ref[k]) for k in ("boxes", "scores", "labels")})
+
+
+def test_the_defaults_depend_on_the_device():
+    assert model_tuning("cpu") == (True, True)
+    assert model_tuning("cuda") == (False, False)
+    assert model_tuning("cpu", channels_last=False) == (False, True)
+    assert model_tuning("cuda", fold_batchnorm=True) == (False, True)
 
 
 def test_the_option_reaches_the_config_and_keys_staged_shards(tmp_path):
-    args = build_parser().parse_args(["run", "--fold-batchnorm"])
-    assert args.fold_batchnorm is True
-    plain = RunConfig(output_uri=str(tmp_path), run_id="r")
+    assert build_parser().parse_args(["run", "--fold-batchnorm"]).fold_batchnorm is True
+    assert build_parser().parse_args(["run", "--no-channels-last"]).channels_last is False
+    assert build_parser().parse_args(["run"]).fold_batchnorm is None
+    auto = RunConfig(output_uri=str(tmp_path), run_id="r")
     folded = RunConfig(output_uri=str(tmp_path), run_id="r", fold_batchnorm=True)
-    # Shards staged without folding are not reused by a folded re-run, and the other way round.
-    assert fingerprint(plain) != fingerprint(folded)
-    assert fingerprint(plain) == fingerprint(RunConfig(output_uri=str(tmp_path), run_id="r"))
+    plain = RunConfig(output_uri=str(tmp_path), run_id="r", fold_batchnorm=False)
+    # Shards staged with one choice are not reused by a re-run that made another.
+    assert len({fingerprint(auto), fingerprint(folded), fingerprint(plain)}) == 3
+    assert fingerprint(auto) == fingerprint(RunConfig(output_uri=str(tmp_path), run_id="r"))

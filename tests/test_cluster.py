@@ -42,7 +42,8 @@ def test_plan_adapts_to_the_cluster_it_finds():
             two_small_nodes.nodes) == ("cpu", 1, 1, 2)
     assert two_small_nodes.describe() == (
         "2 node(s), 2 CPU / 0 GPU; 1 cpu actor(s) x (gpus=0, cpus=1), batch 4; "
-        "decode up to 1 task(s) x 1 CPU; object store <= 256 MiB")
+        "decode up to 1 task(s) x 1 CPU; object store <= 256 MiB; batch norms folded; "
+        "channels-last")
     gpus = plan_resources(RunConfig(batch_size=16), {"CPU": 64, "GPU": 8}, nodes=4)
     assert (gpus.device, gpus.num_actors, gpus.max_actors, gpus.batch_size) == ("cuda", 8, 8, 16)
     assert gpus.decode_tasks == 56  # the CPUs the 8 actors (1 CPU each) leave
@@ -63,6 +64,19 @@ def test_batch_size_and_gpu_decode_follow_the_device():
     assert plan_resources(asked, {"CPU": 16, "GPU": 1}).gpu_decode
     assert "plain JPEGs decoded on the GPU" in plan_resources(asked, {"CPU": 16, "GPU": 1}).describe()
     assert not plan_resources(asked, {"CPU": 2}).gpu_decode  # CPU actors: decode tasks do it
+
+
+def test_model_tuning_follows_the_device_unless_chosen():
+    """Folded batch norms and channels-last are the CPU actors' default (measured faster there
+    with the same boxes), not yet the GPU actors'; a choice made in the config wins."""
+    gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 1})
+    cpu = plan_resources(RunConfig(), {"CPU": 2})
+    assert (gpu.channels_last, gpu.fold_batchnorm) == (False, False)
+    assert (cpu.channels_last, cpu.fold_batchnorm) == (True, True)
+    assert "folded" not in gpu.describe() and "channels-last" not in gpu.describe()
+    chosen = RunConfig(channels_last=True, fold_batchnorm=False)
+    assert plan_resources(chosen, {"CPU": 16, "GPU": 1}).channels_last
+    assert not plan_resources(chosen, {"CPU": 2}).fold_batchnorm
 
 
 def test_gpu_actors_run_batches_on_several_streams():
