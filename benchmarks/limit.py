@@ -122,10 +122,14 @@ def streams_loop(net: torch.nn.Module, inputs: list[torch.Tensor], batch: int, d
 
 
 def _worker(args: tuple, barrier, results) -> None:
-    images_dir, model, weights, threshold, batch, share, rank, procs, channels_last, fold = args
+    (images_dir, model, weights, threshold, batch, share, rank, procs, threads, channels_last,
+     fold, keep_memory) = args
+    from detectflow.allocator import keep_freed_memory
     from detectflow.predictor import tune_for_device
 
-    torch.set_num_threads(1)
+    if keep_memory:  # as a CPU actor does
+        keep_freed_memory()
+    torch.set_num_threads(threads)
     net = tune_for_device(load_net(model, weights, threshold, "cpu"), "cpu", channels_last, fold)
     inputs = load_inputs(images_dir, "cpu", share * procs)[rank::procs]
     with torch.inference_mode():
@@ -136,14 +140,16 @@ def _worker(args: tuple, barrier, results) -> None:
 
 def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: float,
                   batch: int, images: int, procs: int, channels_last: bool = False,
-                  fold_batchnorm: bool = False) -> float:
-    """Images/s of ``procs`` single-threaded processes looping at the same time."""
+                  fold_batchnorm: bool = False, threads: int = 1,
+                  keep_freed_memory: bool = False) -> float:
+    """Images/s of ``procs`` new processes of ``threads`` torch threads looping at the same time
+    (new processes, so that the allocator setting of one layout never leaks into the next)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     share = images // procs
     workers = [ctx.Process(target=_worker, args=(
-        (images_dir, model, weights, threshold, batch, share, rank, procs, channels_last,
-         fold_batchnorm),
+        (images_dir, model, weights, threshold, batch, share, rank, procs, threads,
+         channels_last, fold_batchnorm, keep_freed_memory),
         barrier, results))
         for rank in range(procs)]
     for w in workers:
@@ -158,33 +164,41 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
               device: str, batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
               sweep_images: int = 48, precision: str = "fp32",
               channels_last: bool = False, fold_batchnorm: bool = False, confirm: int = 2,
-              streams: tuple[int, ...] = (2, 3)) -> dict[str, Any]:
+              streams: tuple[int, ...] = (2, 3), keep_freed_memory: bool = False,
+              ) -> dict[str, Any]:
     """Images/s for each way of running the bare loop, then the best of them measured again.
 
     The sweep picks a layout; its rate is then measured ``confirm`` more times and averaged.
     Reporting the sweep's own maximum would overstate the bound: on a noisy machine the best of
-    six measurements is mostly the luckiest (benchmarks/RESULTS.md). GPU kernels are chosen as
-    in the actors (``predictor.tune_for_device``); on a GPU the largest batch size is also run
-    with ``streams`` batches in flight.
+    six measurements is mostly the luckiest (benchmarks/RESULTS.md). The model is tuned as in
+    the actors (``predictor.tune_for_device``; on CPU, ``keep_freed_memory`` as a CPU actor's
+    allocator, so every CPU layout runs in new processes); on a GPU the largest batch size is
+    also run with ``streams`` batches in flight.
     """
     from detectflow.predictor import tune_for_device
 
-    where = "GPU" if device == "cuda" else f"1 proc x {torch.get_num_threads()} threads"
-    in_process = {f"{where}, batch {b}": (b, 1) for b in batch_sizes}
-    if device == "cuda":
-        in_process |= {f"{where}, batch {max(batch_sizes)}, {k} streams": (max(batch_sizes), k)
-                       for k in streams}
     procs = os.cpu_count() or 1
-    per_core = ({f"{procs} procs x 1 thread, batch {b}": b for b in (1, 4)}
-                if device == "cpu" and procs > 1 else {})
+    if device == "cuda":
+        in_process = {f"GPU, batch {b}": (b, 1) for b in batch_sizes}
+        in_process |= {f"GPU, batch {max(batch_sizes)}, {k} streams": (max(batch_sizes), k)
+                       for k in streams}
+        spawned = {}
+    else:  # (processes, threads each, batch)
+        threads = torch.get_num_threads()
+        in_process = {}
+        spawned = {f"1 proc x {threads} threads, batch {b}": (1, threads, b)
+                   for b in batch_sizes}
+        if procs > 1:
+            spawned |= {f"{procs} procs x 1 thread, batch {b}": (procs, 1, b) for b in (1, 4)}
     net, inputs = None, []
 
     def rate_of(layout: str) -> float:
         nonlocal net, inputs
-        if layout in per_core:
-            net, inputs = None, []  # no idle model copy in memory while the processes run
-            return per_core_rate(images_dir, model, weights, score_threshold, per_core[layout],
-                                 sweep_images, procs, channels_last, fold_batchnorm)
+        if layout in spawned:
+            count, threads, batch = spawned[layout]
+            return per_core_rate(images_dir, model, weights, score_threshold, batch,
+                                 sweep_images, count, channels_last, fold_batchnorm, threads,
+                                 keep_freed_memory)
         if net is None:
             net = tune_for_device(load_net(model, weights, score_threshold, device), device,
                                   channels_last, fold_batchnorm)
@@ -195,7 +209,7 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
         return len(inputs) / loop(net, inputs, batch, device, precision)
 
     with MemorySampler() as mem:
-        rates = {layout: rate_of(layout) for layout in [*in_process, *per_core]}
+        rates = {layout: rate_of(layout) for layout in [*in_process, *spawned]}
         best = max(rates, key=rates.get)
         again = [rate_of(best) for _ in range(confirm)]
         net, inputs = None, []

@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             batches = (1, 2, 4, 8, 16) if args.device == "cuda" else (1, 2, 4, 8)
             for setting in model_settings(ours, runs, args.device):
                 label = setting_label(setting)
-                precision, channels_last, fold = setting
+                precision, channels_last, fold, keep_memory = setting
                 lim = attempt(notes, f"limit {label}", run_limit, images, model, weights,
                               args.score_threshold, args.device, batch_sizes=batches,
                               sweep_images=min(args.n, 192 if args.device == "cuda" else 96),
                               precision=precision,
-                              channels_last=channels_last, fold_batchnorm=fold)
+                              channels_last=channels_last, fold_batchnorm=fold,
+                              keep_freed_memory=keep_memory)
                 if lim is None:
                     continue
                 limits[setting] = lim["rate"]
@@ -212,22 +213,27 @@ def attempt(notes: list[str], name: str, fn, *args, **kwargs):
         return None
 
 
-def model_setting(params: dict, device: str) -> tuple[str, bool, bool]:
+Setting = tuple[str, bool, bool, bool]
+
+
+def model_setting(params: dict, device: str) -> Setting:
     """What changes the bare model's own speed, so that each gets its own bound: precision,
-    memory layout and folded batch norms (as ``predictor.model_tuning`` resolves them)."""
+    memory layout and folded batch norms (as ``predictor.model_tuning`` resolves them), and a
+    CPU process's allocator (``keep_freed_memory``, as the plan resolves it)."""
     from detectflow.predictor import model_tuning
 
     return (params.get("precision", "fp32"),
-            *model_tuning(device, params.get("channels_last"), params.get("fold_batchnorm")))
+            *model_tuning(device, params.get("channels_last"), params.get("fold_batchnorm")),
+            device == "cpu" and params.get("keep_freed_memory", True))
 
 
-def setting_label(setting: tuple[str, bool, bool]) -> str:
-    precision, channels_last, fold = setting
-    return precision + ", channels-last" * channels_last + ", folded BN" * fold
+def setting_label(setting: Setting) -> str:
+    precision, channels_last, fold, keep_memory = setting
+    return (precision + ", channels-last" * channels_last + ", folded BN" * fold
+            + ", freed memory kept" * keep_memory)
 
 
-def model_settings(ours: dict, runs: list[tuple[str, dict]],
-                   device: str) -> list[tuple[str, bool, bool]]:
+def model_settings(ours: dict, runs: list[tuple[str, dict]], device: str) -> list[Setting]:
     """The settings the bare model is measured at: ours', then any a variant uses."""
     seen = [model_setting(ours, device)]
     for _, extra in runs:
@@ -333,8 +339,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), parse_sets([f for f in fields.split(",") if f])
 
 
-# On CPU the defaults fold batch norms and use channels-last; this row runs the model as built.
-CPU_UNTUNED = "model as built: batch norms, NCHW"
+# On CPU the defaults fold batch norms, use channels-last and keep freed memory in the actors'
+# malloc; this row runs the model as built in a process as started.
+CPU_UNTUNED = "model as built: batch norms, NCHW, default malloc"
 
 
 def variants(device: str, given: list[str] | None = None) -> list[tuple[str, dict]]:
@@ -348,7 +355,8 @@ def variants(device: str, given: list[str] | None = None) -> list[tuple[str, dic
     if (os.cpu_count() or 1) < 2:
         return [("defaults", {})]
     return [("defaults", {}), ("1 actor, all threads", {"cpus_per_actor": 1.0}),
-            (CPU_UNTUNED, {"channels_last": False, "fold_batchnorm": False})]
+            (CPU_UNTUNED, {"channels_last": False, "fold_batchnorm": False,
+                           "keep_freed_memory": False})]
 
 
 def _ray_row(name: str, result: dict, limit: float | None = None):

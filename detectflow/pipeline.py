@@ -61,6 +61,7 @@ class ResourcePlan:
     streams: int = 1  # batches each actor runs at once (GPU actors: one CUDA stream each)
     channels_last: bool = False  # the model's layout and folding (predictor.model_tuning)
     fold_batchnorm: bool = False
+    keep_freed_memory: bool = False  # CPU actors' malloc keeps freed memory (allocator.py)
 
     def describe(self) -> str:
         pool = (f"{self.num_actors}-{self.max_actors}" if self.max_actors != self.num_actors
@@ -76,6 +77,7 @@ class ResourcePlan:
             + (f"; {self.streams} batches at once per actor" if self.streams > 1 else "")
             + ("; batch norms folded" if self.fold_batchnorm else "")
             + ("; channels-last" if self.channels_last else "")
+            + ("; freed memory kept" if self.keep_freed_memory else "")
         )
 
     def actor_pool(self):
@@ -143,6 +145,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         gpu_decode=cfg.gpu_decode and device == "cuda",
         streams=cfg.gpu_streams if device == "cuda" else 1,
         channels_last=tuning[0], fold_batchnorm=tuning[1],
+        keep_freed_memory=cfg.keep_freed_memory and device == "cpu",
     )
 
 
@@ -323,6 +326,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
             "precision": cfg.precision,
             "channels_last": plan.channels_last,
             "fold_batchnorm": plan.fold_batchnorm,
+            "keep_freed_memory": plan.keep_freed_memory,
             "cpu_threads": actor_threads(plan),
         },
         batch_size=plan.batch_size,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from detectflow import gcpause, imaging, models, storage
+from detectflow import allocator, gcpause, imaging, models, storage
 from detectflow.schema import detection_row, rows_to_table
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ class Detector:
         precision: str = "fp32",
         channels_last: bool | None = None,
         fold_batchnorm: bool | None = None,
+        keep_freed_memory: bool = True,
     ) -> None:
         self.model_name = model
         self.run_id = run_id
@@ -196,6 +197,8 @@ class Detector:
             self.device = pick_device(num_gpus, device)
             if self.device == "cpu":
                 torch.set_num_threads(max(1, cpu_threads))
+                if keep_freed_memory:  # before the model's first batch allocates
+                    allocator.keep_freed_memory()
             resolved = models.resolve_weights(model, weights, checksum=False)
             self.model = tune_for_device(
                 models.load_model(model, resolved, score_threshold, self.device), self.device,

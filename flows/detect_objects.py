@@ -53,6 +53,7 @@ def detect_objects(
     channels_last: t.ChannelsLast = D["channels_last"],
     fold_batchnorm: t.FoldBatchNorm = D["fold_batchnorm"],
     gpu_streams: t.GpuStreams = D["gpu_streams"],
+    keep_freed_memory: t.KeepFreedMemory = D["keep_freed_memory"],
     num_actors: t.NumActors = D["num_actors"],
     max_actors: t.MaxActors = D["max_actors"],
     gpus_per_actor: t.GpusPerActor = D["gpus_per_actor"],

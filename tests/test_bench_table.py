@@ -53,17 +53,18 @@ def test_lever_variants_parse_and_pick_the_bounds_to_measure():
     assert gpu[0] == ("defaults", {}) and len(gpu) == 1 + len(GPU_LEVERS)
     assert variants("cpu", ["gpu decode:gpu_decode=true"])[1] == ("gpu decode",
                                                                   {"gpu_decode": True})
-    assert model_settings({}, gpu, "cuda") == [("fp32", False, False), ("fp32", True, False),
-                                               ("fp16", True, False), ("fp16", True, True)]
+    assert model_settings({}, gpu, "cuda") == [
+        ("fp32", False, False, False), ("fp32", True, False, False),
+        ("fp16", True, False, False), ("fp16", True, True, False)]
     assert model_settings({"precision": "fp16"}, [("x", {"precision": "fp32"})], "cuda") == [
-        ("fp16", False, False), ("fp32", False, False)]
+        ("fp16", False, False, False), ("fp32", False, False, False)]
     tuned = model_settings({}, [("x", {"channels_last": True, "gpu_streams": 2}),
                                 ("y", {"fold_batchnorm": True})], "cuda")
     assert [setting_label(s) for s in tuned] == ["fp32", "fp32, channels-last",
                                                  "fp32, folded BN"]
     # On CPU the defaults fold and go channels-last; the untuned row gets its own bound.
     untuned = dict(variants("cpu"))[CPU_UNTUNED] if (os.cpu_count() or 1) > 1 else {
-        "channels_last": False, "fold_batchnorm": False}
+        "channels_last": False, "fold_batchnorm": False, "keep_freed_memory": False}
     cpu = [("1 actor", {"cpus_per_actor": 1.0}), (CPU_UNTUNED, untuned)]
     assert [setting_label(s) for s in model_settings({}, cpu, "cpu")] == [
-        "fp32, channels-last, folded BN", "fp32"]
+        "fp32, channels-last, folded BN, freed memory kept", "fp32"]

@@ -43,7 +43,7 @@ def test_plan_adapts_to_the_cluster_it_finds():
     assert two_small_nodes.describe() == (
         "2 node(s), 2 CPU / 0 GPU; 1 cpu actor(s) x (gpus=0, cpus=1), batch 4; "
         "decode up to 1 task(s) x 1 CPU; object store <= 256 MiB; batch norms folded; "
-        "channels-last")
+        "channels-last; freed memory kept")
     gpus = plan_resources(RunConfig(batch_size=16), {"CPU": 64, "GPU": 8}, nodes=4)
     assert (gpus.device, gpus.num_actors, gpus.max_actors, gpus.batch_size) == ("cuda", 8, 8, 16)
     assert gpus.decode_tasks == 56  # the CPUs the 8 actors (1 CPU each) leave
