@@ -108,7 +108,7 @@ def test_an_inference_actor_builds_its_model_paused_and_keeps_only_the_model(sma
     """)
     assert out["enabled"] is True
     assert out["frozen"] > 10_000  # torch, torchvision and the model's modules
-    assert out["model"] > 300
+    assert out["model"] > 100  # 146 tensors once the CPU default folds the batch norms
     assert out["others"] < 20  # a few module-level constants, not a second set of weights
 
 
