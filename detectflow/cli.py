@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: on for CPU actors, off for GPUs)")
     run.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
                      default=D["keep_freed_memory"],
-                     help="CPU actors keep freed memory for the next batch (glibc malloc; "
-                          "default on)")
+                     help="CPU actors and decode tasks keep freed memory for the next batch "
+                          "(glibc malloc; default on)")
     run.add_argument("--gpu-streams", type=int, default=D["gpu_streams"],
                      help="batches each GPU actor runs at once, one CUDA stream each (default 2)")
     run.add_argument("--num-actors", type=int, default=None,

@@ -303,7 +303,8 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
     ).repartition(target_num_rows_per_block=DECODE_BATCH)
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"max_side": cfg.max_image_side, "ship_jpeg": plan.gpu_decode},
+        fn_kwargs={"max_side": cfg.max_image_side, "ship_jpeg": plan.gpu_decode,
+                   "keep_freed_memory": cfg.keep_freed_memory},
         batch_size=DECODE_BATCH,
         batch_format="pyarrow",
         num_cpus=plan.decode_cpus,

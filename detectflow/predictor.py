@@ -75,8 +75,14 @@ def decode_one(uri: str, max_side: int, ship_jpeg: bool = False) -> dict[str, An
     }
 
 
-def decode_batch(batch: pa.Table, max_side: int, ship_jpeg: bool = False) -> pa.Table:
-    """Ray Data task UDF: listing rows → decoded rows (one per input row, failures included)."""
+def decode_batch(batch: pa.Table, max_side: int, ship_jpeg: bool = False,
+                 keep_freed_memory: bool = False) -> pa.Table:
+    """Ray Data task UDF: listing rows → decoded rows (one per input row, failures included).
+
+    ``keep_freed_memory``: the worker's malloc keeps the decoded pixels' blocks for the next
+    image instead of mapping each anew (``allocator``)."""
+    if keep_freed_memory:
+        allocator.keep_freed_memory_once()
     rows = []
     for uri, index, shard in zip(
         batch.column("image_uri").to_pylist(),

@@ -59,6 +59,17 @@ def test_a_cpu_detector_applies_it_unless_told_not_to(small_weights, keep):
     assert out["mapped_mib"] == (0 if keep else 20)
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_decode_task_applies_it_when_told(sample_dir, keep):
+    uris = [str(p) for p in sorted(sample_dir.glob("*.jpg"))][:2]
+    setup = (f"import pyarrow as pa\nfrom detectflow.predictor import decode_batch\n"
+             f"listing = pa.table({{'image_uri': {uris!r}, 'index': [0, 1], 'shard': [0, 0]}})\n"
+             f"assert decode_batch(listing, 4096, keep_freed_memory={keep}).num_rows == 2\n"
+             f"applied = {keep}")
+    out = run_fresh(MAPPED_AFTER_20_MIB.format(setup=setup))
+    assert out["mapped_mib"] == (0 if keep else 20)
+
+
 def test_the_plan_keeps_freed_memory_in_cpu_actors_only():
     cpu = plan_resources(RunConfig(), {"CPU": 2})
     gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 1})
