@@ -25,6 +25,7 @@ SETTINGS = {
     "fp32, channels-last, cudnn benchmark": ("fp32", True, True, False, False),
     "fp32, tf32 matmul": ("fp32", False, False, True, False),
     "fp32, folded BN": ("fp32", False, False, False, True),
+    "fp32, channels-last, folded BN": ("fp32", True, False, False, True),  # CPU actors' default
     "fp16": ("fp16", False, False, False, False),
     "fp16, cudnn benchmark": ("fp16", False, True, False, False),
     "fp16, channels-last": ("fp16", True, False, False, False),
