@@ -138,12 +138,13 @@ def _worker(args: tuple, barrier, results) -> None:
     results.put(loop(net, inputs, batch, "cpu"))
 
 
-def per_core_rate(images_dir: Path, model: str, weights: str | None, threshold: float,
+def spawned_rate(images_dir: Path, model: str, weights: str | None, threshold: float,
                   batch: int, images: int, procs: int, channels_last: bool = False,
                   fold_batchnorm: bool = False, threads: int = 1,
                   keep_freed_memory: bool = False) -> float:
     """Images/s of ``procs`` new processes of ``threads`` torch threads looping at the same time
-    (new processes, so that the allocator setting of one layout never leaks into the next)."""
+    (new processes, so that the allocator setting of one layout never leaks into the next;
+    ``threads`` 1 and one process per core is the layout a small model's actors use)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     share = images // procs
@@ -196,7 +197,7 @@ def run_limit(images_dir: Path, model: str, weights: str | None, score_threshold
         nonlocal net, inputs
         if layout in spawned:
             count, threads, batch = spawned[layout]
-            return per_core_rate(images_dir, model, weights, score_threshold, batch,
+            return spawned_rate(images_dir, model, weights, score_threshold, batch,
                                  sweep_images, count, channels_last, fold_batchnorm, threads,
                                  keep_freed_memory)
         if net is None:

@@ -220,11 +220,12 @@ def model_setting(params: dict, device: str) -> Setting:
     """What changes the bare model's own speed, so that each gets its own bound: precision,
     memory layout and folded batch norms (as ``predictor.model_tuning`` resolves them), and a
     CPU process's allocator (``keep_freed_memory``, as the plan resolves it)."""
+    from detectflow.config import DEFAULTS
     from detectflow.predictor import model_tuning
 
     return (params.get("precision", "fp32"),
             *model_tuning(device, params.get("channels_last"), params.get("fold_batchnorm")),
-            device == "cpu" and params.get("keep_freed_memory", True))
+            device == "cpu" and params.get("keep_freed_memory", DEFAULTS["keep_freed_memory"]))
 
 
 def setting_label(setting: Setting) -> str:

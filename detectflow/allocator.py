@@ -5,29 +5,21 @@ batch 4) with a fresh ``mmap`` and gives it back to the kernel on free, so every
 in its activations page by page again, and trims the heap's top after each batch. With a 32 MiB
 mmap threshold (glibc's maximum), a 1 GiB trim threshold and a 256 MiB top pad, blocks come from
 the heap and are reused: the small model's bare loop ran 1.15x faster on one core, the model as
-built 1.24x; a decode task's Pillow decoding 1.38x (benchmarks/RESULTS.md, CPU lever log). Peak memory is the same working set, held
-instead of returned between batches; blocks over 32 MiB still go straight to the kernel.
+built 1.24x, a decode task's Pillow decoding 1.38x (benchmarks/RESULTS.md, CPU lever log). Peak
+memory is the same working set, held instead of returned between batches; blocks over 32 MiB
+still go straight to the kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
 SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 256 << 20))
 
 
-_applied: bool | None = None  # this process's result, for callers that run once per batch
-
-
-def keep_freed_memory_once() -> bool:
-    """``keep_freed_memory`` the first time a process calls it; its result after that."""
-    global _applied
-    if _applied is None:
-        _applied = keep_freed_memory()
-    return _applied
-
-
+@functools.cache  # process-wide: applied once, however many batches ask
 def keep_freed_memory() -> bool:
     """Apply ``SETTINGS`` to this process's malloc; False where it is not glibc's (musl,
     macOS) or glibc refused a value, and nothing else changes."""

@@ -131,7 +131,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         low, high = _pool_bounds(cfg, 1)
         device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, cfg.cpus_per_actor or 1.0
     left = cpus - low * cpus_per_actor
-    tuning = model_tuning(device, cfg.channels_last, cfg.fold_batchnorm)
+    channels_last, fold_batchnorm = model_tuning(device, cfg.channels_last, cfg.fold_batchnorm)
     if left < cfg.decode_cpus:
         raise ConfigError(
             f"{low} {device} actor(s) x {cpus_per_actor:g} CPU + {cfg.decode_cpus:g} for "
@@ -144,7 +144,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         object_store_bytes=object_store_budget(cfg, high, cluster.get("object_store_memory")),
         gpu_decode=cfg.gpu_decode and device == "cuda",
         streams=cfg.gpu_streams if device == "cuda" else 1,
-        channels_last=tuning[0], fold_batchnorm=tuning[1],
+        channels_last=channels_last, fold_batchnorm=fold_batchnorm,
         keep_freed_memory=cfg.keep_freed_memory and device == "cpu",
     )
 

@@ -82,7 +82,7 @@ def decode_batch(batch: pa.Table, max_side: int, ship_jpeg: bool = False,
     ``keep_freed_memory``: the worker's malloc keeps the decoded pixels' blocks for the next
     image instead of mapping each anew (``allocator``)."""
     if keep_freed_memory:
-        allocator.keep_freed_memory_once()
+        allocator.keep_freed_memory()
     rows = []
     for uri, index, shard in zip(
         batch.column("image_uri").to_pylist(),
