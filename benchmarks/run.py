@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.targets import FLOW_ROW
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 GPU_MODEL = "fasterrcnn_resnet50_fpn_v2"  # the flow's default model
@@ -43,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "replaces the built-in levers), e.g. 'fp16:precision=fp16'")
     p.add_argument("--no-variants", action="store_true",
                    help="our detect stage with its defaults only (as changed by --set)")
+    p.add_argument("--repeat", type=int, default=1, metavar="K",
+                   help="measure everything K times in rounds (each round's ratios against its "
+                        "own reference and bound); then medians with their ranges")
     p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
     p.add_argument("--markdown", default=None, help="also write the table here (markdown)")
     return p.parse_args(argv)
@@ -84,23 +89,52 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = parse_args(argv)
+    if args.repeat < 1:
+        raise SystemExit("bench: --repeat must be at least 1")
     from benchmarks.images import make_images
-    from benchmarks.table import Row, format_table
+    from benchmarks.table import format_summary, format_table, summarize
+    from benchmarks.targets import check, format_verdicts
 
     cache = Path(args.cache_dir)
     model = args.model or (GPU_MODEL if args.device == "cuda" else SMALL_MODEL)
     weights = pick_weights(model, args.weights, cache)
-    skip = {s for s in args.skip.split(",") if s}
     ours = {"model": model, "weights": weights, "score_threshold": args.score_threshold,
             "device": args.device, **parse_sets(args.sets)}
     images = make_images(args.n, cache / "images")
+    header = (f"{args.n} images {images.name}, model {model}, weights "
+              f"{Path(weights).name if weights else 'torchvision'}, device {args.device}, "
+              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    rounds, markdown = [], []
+    for k in range(1, args.repeat + 1):
+        title = f"round {k} of {args.repeat}: " if args.repeat > 1 else ""
+        notes = [title + header]
+        rows, refs, limit_rate = measure_round(args, images, model, weights, ours, cache, notes)
+        rounds.append((rows, refs, limit_rate))
+        print("\n" + "\n".join(notes) + "\n\n" + format_table(rows, refs, limit_rate),
+              flush=True)
+        markdown.append("\n".join(f"- {n}" for n in notes) + "\n\n"
+                        + format_table(rows, refs, limit_rate, markdown=True))
+    summaries = summarize(rounds)
+    verdicts = format_verdicts(check(summaries, args.device), args.device, args.repeat)
+    if args.repeat > 1:
+        title = f"medians over {args.repeat} rounds (min-max); memory: the peak of all rounds"
+        print(f"\n{title}\n\n{format_summary(summaries)}", flush=True)
+        markdown.append(f"{title}:\n\n{format_summary(summaries, markdown=True)}")
+    print("\n" + verdicts, flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text("\n\n".join(markdown) + f"\n\n```\n{verdicts}\n```\n")
+    return 0
+
+
+def measure_round(args, images: Path, model: str, weights: str | None, ours: dict, cache: Path,
+                  notes: list[str]):
+    """One round: the bound, the recipe and our detect stage on one local Ray, the whole flow.
+    Its rows, the references by image count and the defaults' bound."""
+    skip = {s for s in args.skip.split(",") if s}
     work = Path(tempfile.mkdtemp(prefix="bench-", dir=cache))
-    rows: list[Row] = []
+    rows: list = []
     limit_rate = None
     refs: dict = {}
-    notes = [f"{args.n} images {images.name}, model {model}, weights "
-             f"{Path(weights).name if weights else 'torchvision'}, device {args.device}, "
-             f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"]
     try:
         runs = variants(args.device, [] if args.no_variants else args.variants)
         if args.sets:  # the row says what its "defaults" were changed to
@@ -108,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         limits: dict[tuple, float] = {}
         if "limit" not in skip:
             from benchmarks.limit import run_limit
+            from benchmarks.table import Row
 
             batches = (1, 2, 4, 8, 16) if args.device == "cuda" else (1, 2, 4, 8)
             for setting in model_settings(ours, runs, args.device):
@@ -140,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             flow = attempt(notes, "whole flow", run_flow, work / "flow", cache / "flow-last.log",
                            *flow_args)
             if flow:
-                emit(rows, flow_row("ours: whole flow (detectflow run)", flow, notes))
+                emit(rows, flow_row(FLOW_ROW, flow, notes))
         if "services" not in skip:
             flow = attempt(notes, "whole flow, long-lived services", run_flow,
                            work / "flow-services", cache / "flow-services-last.log", *flow_args,
@@ -149,13 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 emit(rows, flow_row("ours: whole flow (long-lived Prefect + Ray)", flow, notes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = format_table(rows, refs, limit_rate)
-    print("\n" + "\n".join(notes) + "\n\n" + text, flush=True)
-    if args.markdown:
-        md = "\n".join(f"- {n}" for n in notes) + "\n\n" + format_table(
-            rows, refs, limit_rate, markdown=True) + "\n"
-        Path(args.markdown).write_text(md)
-    return 0
+    return rows, refs, limit_rate
 
 
 def run_flow(work: Path, log: Path, images: Path, model: str, weights: str | None,
@@ -366,7 +395,8 @@ def _ray_row(name: str, result: dict, limit: float | None = None):
     clock, peaks = result["clock"], result["peaks"]
     return Row(name, result["images"], clock.wall, result["images"] / clock.wall,
                clock.steady_rate(result["images"]), peaks.rss, peaks.pss, peaks.store,
-               peaks.spilled, limit=limit)
+               peaks.spilled, limit=limit,
+               store_budget=getattr(result.get("plan"), "object_store_bytes", None))
 
 
 if __name__ == "__main__":
