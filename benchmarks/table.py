@@ -26,6 +26,7 @@ class Row:
     # ("flow": Prefect and Ray start-up included) none, the recipe has no such run to match.
     kind: str = "pipeline"
     store_budget: int | None = None  # the object-store budget the run was planned with
+    group: str | None = None  # the name rounds are matched by (default: ``pipeline``)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -107,7 +108,8 @@ class Summary:
 
 
 def summarize(rounds: list[Round]) -> list[Summary]:
-    """Rows with the same pipeline and image count, across rounds (in first-seen order).
+    """Rows with the same pipeline (or group: a bound whose sweep picked another layout in
+    another round) and image count, across rounds (in first-seen order).
 
     Ratios are taken inside each round (against that round's own reference and bound, as the
     single table does) before any median, never between numbers from different rounds.
@@ -115,8 +117,8 @@ def summarize(rounds: list[Round]) -> list[Summary]:
     out: dict[tuple[str, int], Summary] = {}
     for rows, refs, limit in rounds:
         for row in rows:
-            s = out.setdefault((row.pipeline, row.images),
-                               Summary(row.pipeline, row.images, row.kind, {}))
+            name = row.group or row.pipeline
+            s = out.setdefault((name, row.images), Summary(name, row.images, row.kind, {}))
             s.store_budget = s.store_budget or row.store_budget
             measured = {"wall": row.wall, "steady": row.steady or row.rate, "pss": row.pss,
                         "store": row.store, "overhead": row.overhead, **ratios(row, refs, limit)}

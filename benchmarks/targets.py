@@ -13,6 +13,7 @@ from benchmarks.table import MIB, Summary
 DEFAULTS_ROW = "ours: detect stage (defaults"  # also "(defaults, KEY=VALUE)" under --set
 DETECT_ROW = "ours: detect stage ("
 FLOW_ROW = "ours: whole flow (detectflow run)"  # on its own: temporary Prefect server, new Ray
+SERVICES_ROW = "ours: whole flow (long-lived Prefect + Ray)"  # as deployments run
 # (x reference, share of the limit) per device; outside detect < 10 s is a CPU target only.
 GOALS = {"cpu": (1.5, 0.90), "cuda": (3.0, 0.80)}
 OVERHEAD_GOAL = 10.0
@@ -60,10 +61,11 @@ def check(summaries: list[Summary], device: str) -> list[Verdict]:
         ratio = s.median("x limit")
         out.append(Verdict(f"ours (defaults) >= {share:.0%} of the limit, {s.images} images",
                            f"{ratio:.0%}", ratio >= share))
+    flows = {FLOW_ROW: "on its own", SERVICES_ROW: "against long-lived Prefect and Ray"}
     for s in summaries:
-        if s.pipeline == FLOW_ROW and (overhead := s.median("overhead")) is not None:
+        if s.pipeline in flows and (overhead := s.median("overhead")) is not None:
             goal = OVERHEAD_GOAL if device == "cpu" else None
-            out.append(Verdict("whole flow outside detect < 10 s (on its own)",
+            out.append(Verdict(f"whole flow outside detect < 10 s ({flows[s.pipeline]})",
                                f"{overhead:.1f} s", overhead < goal if goal else None))
     measured = [s for s in defaults if s.peak("pss")]
     if len(measured) > 1:

@@ -143,3 +143,42 @@ def test_memory_is_flat_only_if_pss_holds_and_the_store_keeps_to_its_budget():
         return verdict.met
 
     assert flat(1050, 198) and not flat(1200, 198) and not flat(1050, 845)
+
+
+def test_a_bound_is_bracketed_around_the_rows_compared_with_it():
+    """The bound measured before and after the pipelines: their mean, on the bound's row and on
+    every row compared with it; a bound no row uses is not measured again."""
+    from benchmarks.run import bracket_bounds
+
+    calls = []
+
+    def again(rates):
+        return lambda: calls.append(rates) or list(rates)
+
+    fast, slow = ("fp32", True, True, True), ("fp32", False, False, False)
+    bounds = {fast: {"rate": 18.0, "again": [18.0, 18.0], "measure_again": again([16.0, 16.0])},
+              slow: {"rate": 14.0, "again": [14.0], "measure_again": again([1.0])}}
+    bound_rows = {fast: Row("limit fast", 96, 96 / 18.0, 18.0, 18.0, limit=18.0, kind="bound"),
+                  slow: Row("limit slow", 96, 96 / 14.0, 14.0, 14.0, limit=14.0, kind="bound")}
+    ours = Row("ours", 960, 60.0, 16.0, 16.2, limit=18.0)
+    ref = Row("reference", 960, 120.0, 8.0, 8.1)
+    notes: list[str] = []
+    bracket_bounds(bounds, bound_rows, [(ref, None), (ours, fast)], notes)
+    assert calls == [[16.0, 16.0]]  # the slow bound compares with no row here
+    assert ours.limit == 17.0 and bound_rows[fast].steady == 17.0
+    assert bound_rows[fast].wall == 96 / 17.0 and bound_rows[slow].limit == 14.0
+    assert ref.limit is None and "bound 17.00" in notes[-1]
+    assert format_table([ours], {}, None).splitlines()[2].split()[7] == "95%"
+
+
+def test_a_bound_whose_sweep_picked_another_layout_is_one_row_over_the_rounds():
+    from benchmarks.table import summarize
+
+    def bound(layout: str, rate: float) -> tuple:
+        row = Row(f"limit (bare model, fp32: {layout})", 96, 96 / rate, rate, rate, limit=rate,
+                  kind="bound", group="limit (bare model, fp32)")
+        return [row], {}, rate
+
+    (summary,) = summarize([bound("batch 4", 14.0), bound("batch 1", 13.0)])
+    assert summary.pipeline == "limit (bare model, fp32)" and summary.values["steady"] == [14.0,
+                                                                                          13.0]
