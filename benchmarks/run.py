@@ -170,7 +170,7 @@ def measure_round(args, images: Path, model: str, weights: str | None, ours: dic
                 emit(rows, bound_rows[setting])
         if {"reference", "detect"} - skip:
             measured = run_on_ray(args, images, work, model, weights, ours, skip, notes, cache,
-                                  runs, {s: lim["rate"] for s, lim in bounds.items()})
+                                  runs)
             rows += [row for row, _ in measured]
             refs = {r.images: r for r in rows if r.pipeline.startswith("reference")}
             bracket_bounds(bounds, bound_rows, measured, notes)
@@ -195,16 +195,16 @@ def measure_round(args, images: Path, model: str, weights: str | None, ours: dic
 
 
 def bracket_bounds(bounds: dict, bound_rows: dict, measured: list, notes: list[str]) -> None:
-    """Measure each bound that a pipeline row is compared with again, after those rows, and
-    make the bound the mean of its runs before and after them.
+    """Measure each bound that a pipeline row is compared with again, after those rows, make
+    the bound the mean of its runs before and after them, and give each row its bound.
 
     A round takes ~13 minutes, and this machine's speed drifts within that (the same loop
     moved ±10% within minutes on this 2-core VM): a bound from before the runs alone judged
     a 960-image run made 8 minutes later against a faster or slower machine. Bracketing cancels
-    a steady drift either way; the bound row and every row compared with it get the new value.
+    a steady drift either way. A bound that cannot be measured again keeps its first value.
     """
-    used = {setting for _, setting in measured if setting is not None}
-    for setting in [s for s in bounds if s in used]:
+    used = [s for s in bounds if any(setting == s for _, setting in measured)]
+    for setting in used:
         lim, label = bounds[setting], setting_label(setting)
         after = attempt(notes, f"limit {label} after the pipelines", lim["measure_again"])
         if not after:
@@ -218,9 +218,9 @@ def bracket_bounds(bounds: dict, bound_rows: dict, measured: list, notes: list[s
         row = bound_rows[setting]
         row.rate = row.steady = row.limit = rate
         row.wall = row.images / rate
-        for other, s in measured:
-            if s == setting:
-                other.limit = rate
+    for row, setting in measured:
+        if setting in used:
+            row.limit = bound_rows[setting].limit
 
 
 def run_flow(work: Path, log: Path, images: Path, model: str, weights: str | None,
@@ -329,10 +329,11 @@ def start_ray_data_helpers() -> None:
 
 
 def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, ours: dict,
-               skip: set[str], notes: list[str], cache: Path, runs: list[tuple[str, dict]],
-               limits: dict[tuple, float]) -> list:
+               skip: set[str], notes: list[str], cache: Path,
+               runs: list[tuple[str, dict]]) -> list:
     """Reference and our detect stage on one local Ray (start-up not timed). Each row with the
-    model setting whose bound it is compared with (None: the table's default bound)."""
+    model setting whose bound it is compared with (None: the table's default bound), which
+    ``bracket_bounds`` gives it once the bound is final."""
     import ray
 
     from benchmarks.images import make_images
@@ -376,7 +377,7 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
                 notes.append(f"ours ({name}) {n} images: {det['plan'].describe()}; "
                              f"{det['detections']} boxes, {det['failed']} failed")
                 setting = model_setting(params, args.device)
-                emit(rows, _ray_row(f"ours: detect stage ({name})", det, limits.get(setting)))
+                emit(rows, _ray_row(f"ours: detect stage ({name})", det))
                 settings.append(setting)
     finally:
         ray.shutdown()
@@ -428,14 +429,13 @@ def variants(device: str, given: list[str] | None = None) -> list[tuple[str, dic
                            "keep_freed_memory": False})]
 
 
-def _ray_row(name: str, result: dict, limit: float | None = None):
+def _ray_row(name: str, result: dict):
     from benchmarks.table import Row
 
     clock, peaks = result["clock"], result["peaks"]
     return Row(name, result["images"], clock.wall, result["images"] / clock.wall,
                clock.steady_rate(result["images"]), peaks.rss, peaks.pss, peaks.store,
-               peaks.spilled, limit=limit,
-               store_budget=getattr(result.get("plan"), "object_store_bytes", None))
+               peaks.spilled, store_budget=getattr(result.get("plan"), "object_store_bytes", None))
 
 
 if __name__ == "__main__":

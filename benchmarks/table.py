@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 MIB = 1 << 20
@@ -97,11 +98,7 @@ class Summary:
     store_budget: int | None = None
 
     def median(self, key: str) -> float | None:
-        vals = sorted(self.values.get(key, []))
-        if not vals:
-            return None
-        mid = len(vals) // 2
-        return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+        return statistics.median(self.values[key]) if self.values.get(key) else None
 
     def peak(self, key: str) -> float | None:
         return max(self.values[key]) if self.values.get(key) else None
@@ -132,10 +129,9 @@ def _spread(s: Summary, key: str, fmt: str) -> str:
     med = s.median(key)
     if med is None:
         return "-"
-    vals, show = s.values[key], (lambda v: format(v, fmt))
-    if len(vals) == 1:
-        return show(med)
-    return f"{show(med)} ({show(min(vals))}-{show(max(vals))})"
+    vals = s.values[key]
+    spread = f" ({min(vals):{fmt}}-{max(vals):{fmt}})" if len(vals) > 1 else ""
+    return f"{med:{fmt}}{spread}"
 
 
 def format_summary(summaries: list[Summary], markdown: bool = False) -> str:
