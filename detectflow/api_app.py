@@ -1,14 +1,35 @@
-"""The app the temporary API server runs: Prefect's own, built with the collector paused."""
+"""The app the temporary API server runs: Prefect's own, built with the collector paused, and
+stopped when the ``detectflow run`` that started it is gone."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 from detectflow.gcpause import collection_paused
+
+LIFELINE_ENV = "DETECTFLOW_API_LIFELINE_FD"  # set by ``api_server.TemporaryApiServer``
 
 
 def create_app():
     """``prefect.server.api.server.create_app``; its imports and build run without cyclic
     garbage collection (``gcpause``): 0.3-0.5 CPU-s less of a start-up that competes with ours."""
+    if (fd := os.environ.pop(LIFELINE_ENV, None)) is not None:
+        threading.Thread(target=_stop_when_orphaned, args=(int(fd),), daemon=True,
+                         name="detectflow-lifeline").start()
     with collection_paused():
         from prefect.server.api.server import create_app as prefect_create_app
 
         return prefect_create_app()
+
+
+def _stop_when_orphaned(fd: int) -> None:
+    """Block until the pipe's write end is closed (its process ended, however it ended), then
+    stop as uvicorn stops on SIGTERM: in-flight requests finish, the database is closed."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 
+from detectflow.api_app import LIFELINE_ENV
 from detectflow.errors import DetectflowError
 
 # Prefect's ephemeral server: no UI, the services of an ephemeral server only.
@@ -56,16 +57,24 @@ class TemporaryApiServer:
         self._log = tempfile.TemporaryFile()
         # Prefect's own app (``api_app``: built without cyclic garbage collection).
         app_dir = os.path.dirname(os.path.dirname(importlib.util.find_spec("detectflow").origin))
+        # The server's lifeline (``api_app``): it reads a pipe whose other end only this process
+        # holds, and stops when that read ends, i.e. when this process has ended, however it
+        # ended (an atexit hook does not run on SIGKILL, e.g. the OOM killer's).
+        lifeline, self._lifeline = os.pipe()  # not inherited by other children (PEP 446)
         with listening_socket() as sock:  # the child keeps its copy; ours closes after the spawn
             self.port = sock.getsockname()[1]
             self.url = f"http://127.0.0.1:{self.port}/api"
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
-                 "detectflow.api_app:create_app", "--fd", str(sock.fileno()),
-                 "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, **_EPHEMERAL_ENV}, stdout=self._log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
-            )
+            try:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+                     "detectflow.api_app:create_app", "--fd", str(sock.fileno()),
+                     "--log-level", "error", "--lifespan", "on"],
+                    env={**os.environ, **_EPHEMERAL_ENV, LIFELINE_ENV: str(lifeline)},
+                    stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    pass_fds=(sock.fileno(), lifeline),
+                )
+            finally:
+                os.close(lifeline)
 
     def wait(self, timeout: float) -> str:
         """Block until the server answers its health check; its URL."""
@@ -101,4 +110,7 @@ class TemporaryApiServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._lifeline is not None:  # only now: its end would send a second SIGTERM
+            os.close(self._lifeline)
+            self._lifeline = None
         self._log.close()

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from detectflow import raystart
 from detectflow.errors import ConfigError
 from detectflow.gcpause import collection_paused
 
@@ -112,14 +113,13 @@ def connect(address: str | None, env: dict[str, str]):
     else:
         # "local": a new Ray of our own, never a `ray start` cluster found on this machine.
         # Without its dashboard (~4 s of CPU at start-up on 2 cores, measured) unless asked for.
-        # Nor with Ray's prestarted default workers: our tasks carry a runtime_env, so they run
-        # in workers of their own and the two prestarted ones only burnt ~1 CPU-s each before
-        # Ray killed them unused (measured per process).
+        # Nor with Ray's prestarted default workers, nor two one-second waits (``raystart``).
         # Its workers die with it, so each task sends its logs before returning (FLUSH_LOGS).
         runtime_env["env_vars"] = env | {FLUSH_LOGS: "1"}
-        context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
-                           include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"),
-                           _system_config={"prestart_worker_first_driver": False})
+        with raystart.prompt_node_lookup():
+            context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
+                               include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"),
+                               _system_config=dict(raystart.SYSTEM_CONFIG))  # Ray adds to it
     warm_workers(int(os.environ.get("DETECTFLOW_WARM_WORKERS", "1")))
     return context
 

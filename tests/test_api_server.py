@@ -1,6 +1,12 @@
 """The temporary Prefect API server that `detectflow run` starts when no API is configured."""
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
@@ -59,3 +65,35 @@ def test_a_server_that_cannot_start_fails_with_its_own_last_line(monkeypatch):
             server.wait(120)
     finally:
         server.stop()
+
+
+def test_stops_when_the_run_that_started_it_is_killed(tmp_path):
+    """A run killed with SIGKILL (no atexit hook runs) leaves no server behind: it reads its
+    lifeline until the run is gone, then stops as on SIGTERM."""
+    code = ("import json; from detectflow.api_server import TemporaryApiServer; "
+            "s = TemporaryApiServer(); s.wait(120); "
+            "print(json.dumps({'pid': s.process.pid}), flush=True); import time; time.sleep(600)")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                           env=env)
+    try:
+        server_pid = json.loads(run.stdout.readline())["pid"]
+        assert _alive(server_pid)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(server_pid)
+    finally:
+        run.kill()
+        run.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie (its parent, the killed run, can no longer reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
