@@ -31,37 +31,32 @@ SYSTEM_CONFIG = {
     "raylet_client_connect_timeout_milliseconds": 20,
     "raylet_client_num_connect_attempts": 500,
 }
+RAYLET_START_WAIT_S = 30.0  # how long ``ray.init`` waits for its raylet (``node.py``)
 
 
-def wait_registered(gcs_address: str, node_id: str, timeout: float = 30.0,
+def wait_registered(gcs_address: str, node_id: str, timeout: float = RAYLET_START_WAIT_S,
                     poll: float = 0.01) -> bool | None:
     """True as soon as the GCS at ``gcs_address`` lists ``node_id``, False at ``timeout``; None
     if the node table cannot be read (Ray's internals moved)."""
+    table = None
     try:
         from ray._private import services, state
 
         table = state.GlobalState()
         table._initialize_global_state(services._get_gcs_client_options(gcs_address))
-    except Exception:
-        log.debug("cannot read the GCS node table", exc_info=True)
-        return None
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if any(node.get("NodeID") == node_id for node in table.node_table()):
-                return True
+        deadline = time.monotonic() + timeout
+        while not any(node.get("NodeID") == node_id for node in table.node_table()):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(poll)
+        return True
     except Exception:
         log.debug("cannot read the GCS node table", exc_info=True)
         return None
     finally:
-        with contextlib.suppress(Exception):
-            table.disconnect()
-
-
-RAYLET_START_WAIT_S = 30.0  # how long ``ray.init`` waits for its raylet (``node.py``)
+        if table is not None:
+            with contextlib.suppress(Exception):
+                table.disconnect()
 
 
 @contextlib.contextmanager

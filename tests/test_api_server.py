@@ -6,12 +6,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from settle import settled
 
 from detectflow.api_server import TemporaryApiServer, listening_socket
 from detectflow.errors import DetectflowError
@@ -82,10 +82,7 @@ def test_stops_when_the_run_that_started_it_is_killed(tmp_path):
         assert _alive(server_pid)
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _alive(server_pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(server_pid)
+        assert not settled(lambda: _alive(server_pid), lambda alive: not alive, timeout=30)
     finally:
         run.kill()
         run.wait()

@@ -74,13 +74,12 @@ def test_a_local_ray_starts_without_its_one_second_waits():
     table answers for the new node at once (and not for an unknown one, whose lookup then fails
     the way Ray's own does), and the raylet got the socket retries in 20 ms steps."""
     out = run_fresh("""
-        import json, time, ray
+        import json, ray
         from ray._private import services
         from detectflow import raycluster, raystart
         original = services.get_node
         raycluster.connect(None, {})
         node = ray._private.worker._global_node
-        start = time.monotonic()
         found = raystart.wait_registered(node.gcs_address, node.node_id)
         unknown = raystart.wait_registered(node.gcs_address, "ab" * 28, timeout=0.3)
         config = ray._private.state.state.get_system_config()
