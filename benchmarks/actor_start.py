@@ -6,12 +6,17 @@ and runs its first batches. This times each of those steps as ``Detector.__init_
 first calls do them, so a lever can aim at the largest. ``--plain-torchvision`` times upstream's
 import (with TorchDynamo) instead of the actors' own.
 
-    python -m benchmarks.actor_start --device cuda --weights W.pth --images DIR
+    python -m benchmarks.actor_start --device cuda [--weights W.pth] [--images DIR]
+
+Without ``--weights`` / ``--images`` it takes the benchmark's (``make bench``'s cache, made here
+when missing), so it also runs first on a fresh machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,13 +24,23 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fasterrcnn_resnet50_fpn_v2")
-    p.add_argument("--weights", required=True)
-    p.add_argument("--images", required=True, help="a folder of JPEGs (the benchmark's)")
+    p.add_argument("--weights", default=None, help="default: the benchmark's (made if missing)")
+    p.add_argument("--images", default=None, help="a folder of JPEGs (default: the benchmark's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--plain-torchvision", action="store_true",
                    help="import torchvision as upstream does (loads TorchDynamo), to compare")
+    p.add_argument("--inputs-for", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.inputs_for:
+        print(*default_inputs(args.inputs_for), sep="\n")
+        return 0
+    if args.weights is None or args.images is None:
+        # In a child process: this one must import torch first, inside the timing.
+        made = subprocess.run([sys.executable, "-m", "benchmarks.actor_start", "--inputs-for",
+                               args.model], check=True, capture_output=True, text=True)
+        weights, images = made.stdout.splitlines()[-2:]
+        args.weights, args.images = args.weights or weights, args.images or images
 
     steps: list[tuple[str, float]] = []
     last = time.perf_counter()
@@ -84,6 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in steps:
         print(f"  {name:<{width}}  {seconds:6.2f} s")
     return 0
+
+
+def default_inputs(model: str) -> tuple[str, str]:
+    """The benchmark's weights for ``model`` and its 96 images, made when missing."""
+    from benchmarks.images import make_images
+    from benchmarks.run import ROOT, pick_weights
+    from detectflow.models import hub_checkpoint_path
+
+    cache = ROOT / "output" / "bench"
+    weights = pick_weights(model, None, cache) or str(hub_checkpoint_path(model))
+    return str(weights), str(make_images(96, cache / "images"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 7 as one device call: unpack the bundle, then run the steps named
+# (default: the ones still owed), each under its own time limit, every log into $OUT.
+#
+# Why one script: a lent machine gives a session 15 minutes of device time, its start included,
+# and one command at most 10. Prepared and checked here (`bash benchmarks/device/gpu_check.sh
+# --dry-run` prints the plan; `DEVICE=cpu MODEL=fasterrcnn_mobilenet_v3_large_320_fpn` runs the
+# same steps on a CPU with the small model), it spends that time on
+# measuring. Build the bundle first with `bash benchmarks/device/make_bundle.sh`, then call the
+# device tool with carry [".devbundle"] and, e.g., timeout_s 590:
+#
+#   bash benchmarks/device/gpu_check.sh                 # the owed steps: bare, fold4800
+#   bash benchmarks/device/gpu_check.sh bare start      # named steps only
+#
+# Steps (seconds each is allowed; the defaults sum to under 9 minutes):
+#   bare      the bare model under fp32 / fp16 with and without folded batch norms, with box
+#             agreement and a profile (benchmarks.gpu_levers)                          150 s
+#   fold4800  the recipe, then ours with the fp16 levers, with and without folded batch norms,
+#             on 4800 images (benchmarks.run)                                           330 s
+#   start     an inference actor's start, step by step (benchmarks.actor_start)         60 s
+#   full1600  every row of the benchmark at 1600 images, bound and whole flow included  420 s
+set -uo pipefail
+
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-output/device-out}
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+MODEL_ARG=${MODEL:+--model $MODEL}  # default: each benchmark's GPU model (the flow's default)
+DRY=0
+steps=()
+for a in "$@"; do
+    case $a in --dry-run) DRY=1 ;; *) steps+=("$a") ;; esac
+done
+[[ ${#steps[@]} -gt 0 ]] || steps=(bare fold4800)
+mkdir -p "$OUT"
+
+FP16="--set precision=fp16 --set gpu_decode=true --set channels_last=true --set gpu_streams=3"
+declare -A LIMIT=([bare]=150 [fold4800]=330 [start]=60 [full1600]=420)
+declare -A CMD=(
+    [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
+    [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --markdown $OUT/fold4800.md"
+    [start]="-m benchmarks.actor_start --device $DEVICE $MODEL_ARG"
+    [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600 --markdown $OUT/full1600.md"
+)
+for s in "${steps[@]}"; do
+    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (bare, fold4800, start, full1600)" >&2; exit 2; }
+done
+
+if [[ $DRY == 1 ]]; then
+    for s in "${steps[@]}"; do echo "$s (${LIMIT[$s]} s): $PY ${CMD[$s]}"; done
+    exit 0
+fi
+
+# The bundle: Ray, Prefect and the rest, shadowing nothing the machine's torch relies on; only
+# where this Python lacks them (a project venv runs the same steps without it).
+if ! $PY -c "import ray, prefect, prefect_ray" 2>/dev/null; then
+    [[ -f .devbundle/site.tar.xz ]] || { echo "gpu_check: no Ray/Prefect here and no .devbundle/site.tar.xz (carry it)" >&2; exit 3; }
+    SITE=/tmp/detectflow-site
+    if [[ ! -d $SITE/ray ]]; then
+        mkdir -p "$SITE" && xz -dc .devbundle/site.tar.xz | tar -xf - -C "$SITE" || exit 3
+    fi
+    export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
+    export PATH=$SITE/bin:$PATH
+fi
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    nproc
+    $PY -c "import sys, torch, torchvision, ray, prefect, prefect_ray, pyarrow
+print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      'torchvision', torchvision.__version__, 'ray', ray.__version__, 'prefect', prefect.__version__,
+      'prefect-ray', prefect_ray.__version__, 'pyarrow', pyarrow.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+dmon=
+if command -v nvidia-smi >/dev/null && [[ $DEVICE == cuda ]]; then
+    nvidia-smi dmon -s u -d 1 -o T > "$OUT/dmon.txt" 2>&1 &
+    dmon=$!
+fi
+rc=0
+for s in "${steps[@]}"; do
+    echo "=== $s ($(date -u +%T), at most ${LIMIT[$s]} s): $PY ${CMD[$s]}" | tee -a "$OUT/steps.txt"
+    start=$(date +%s)
+    eval "timeout -k 10 ${LIMIT[$s]} $PY ${CMD[$s]}" > "$OUT/$s.log" 2>&1
+    code=$?
+    echo "=== $s exit $code after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+    tail -n 40 "$OUT/$s.log"
+    [[ $code == 0 ]] || rc=$code
+done
+[[ -n $dmon ]] && kill "$dmon" 2>/dev/null
+exit $rc
