@@ -45,6 +45,8 @@ def test_the_default_plan_is_the_owed_measurements(tmp_path):
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["bare", "fold4800"]
     assert "folded BN:fold_batchnorm=true" in lines[1] and "--n 4800" in lines[1]
+    limits = [int(line.split("(")[1].split()[0]) for line in lines]
+    assert sum(limits) <= 560  # one device call: 600 s at most, the unpack and set-up included
     assert not list(tmp_path.glob("*.log"))  # a dry run runs nothing
 
 
