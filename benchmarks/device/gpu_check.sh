@@ -9,10 +9,11 @@
 # measuring. Build the bundle first with `bash benchmarks/device/make_bundle.sh`, then call the
 # device tool with carry [".devbundle"] and, e.g., timeout_s 590:
 #
-#   bash benchmarks/device/gpu_check.sh                 # the owed steps: bare, fold4800
+#   bash benchmarks/device/gpu_check.sh                 # the owed steps: imports, bare, fold4800
 #   bash benchmarks/device/gpu_check.sh bare start      # named steps only
 #
-# Steps (seconds each is allowed; the defaults sum to under 9.5 minutes):
+# Steps (seconds each is allowed; the defaults sum to under 10 minutes with the unpack):
+#   imports   which modules an actor's ~5 s of imports on the GPU host go to               30 s
 #   bare      the bare model under fp32 / fp16 with and without folded batch norms, with box
 #             agreement and a profile (benchmarks.gpu_levers)                          150 s
 #   fold4800  the recipe, then ours with the fp16 levers: as measured before, with folded batch
@@ -31,19 +32,20 @@ steps=()
 for a in "$@"; do
     case $a in --dry-run) DRY=1 ;; *) steps+=("$a") ;; esac
 done
-[[ ${#steps[@]} -gt 0 ]] || steps=(bare fold4800)
+[[ ${#steps[@]} -gt 0 ]] || steps=(imports bare fold4800)
 mkdir -p "$OUT"
 
 FP16="--set precision=fp16 --set gpu_decode=true --set channels_last=true --set gpu_streams=3"
-declare -A LIMIT=([bare]=150 [fold4800]=400 [start]=60 [full1600]=420)
+declare -A LIMIT=([imports]=30 [bare]=150 [fold4800]=400 [start]=60 [full1600]=420)
 declare -A CMD=(
+    [imports]="-m benchmarks.import_times"
     [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
     [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --variant 'folded BN, 4 streams:fold_batchnorm=true,gpu_streams=4' --markdown $OUT/fold4800.md"
     [start]="-m benchmarks.actor_start --device $DEVICE $MODEL_ARG"
     [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600 --markdown $OUT/full1600.md"
 )
 for s in "${steps[@]}"; do
-    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (bare, fold4800, start, full1600)" >&2; exit 2; }
+    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (imports, bare, fold4800, start, full1600)" >&2; exit 2; }
 done
 
 if [[ $DRY == 1 ]]; then

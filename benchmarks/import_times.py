@@ -1,0 +1,61 @@
+"""Where an inference actor's imports go, in a fresh interpreter: the modules that cost most.
+
+An actor imports ``ray.data`` (Ray Data's actor class, with pandas) and then torch and
+torchvision before its model exists; on the H200's host that was ~5 s of the ~9 s before the
+GPU's first batch (RESULTS.md), against ~3 CPU-s here. ``python -X importtime`` says which
+modules take it (``torch._C``'s own time is the loading of libtorch and its CUDA libraries), so
+the next lever can aim at the right one.
+
+    python -m benchmarks.import_times [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+# What an inference actor imports before its first batch, in its order.
+ACTOR_IMPORTS = ("import ray.data; import torch; "
+                 "from detectflow.torchvision_import import import_torchvision; "
+                 "import_torchvision(); import detectflow.predictor")
+
+
+def parse_importtime(text: str) -> list[tuple[float, float, str]]:
+    """``-X importtime`` lines → (cumulative s, self s, module), largest cumulative first."""
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"import time:\s+(\d+)\s+\|\s+(\d+)\s+\|(\s*)(\S+)", line)
+        if m:
+            rows.append((int(m.group(2)) / 1e6, int(m.group(1)) / 1e6, m.group(3)[1:] + m.group(4)))
+    return sorted(rows, reverse=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+
+    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-X", "importtime", "-c",
+           f"import time; t = time.process_time(); {ACTOR_IMPORTS}; "
+           "print('cpu', time.process_time() - t)"]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    cpu = float(done.stdout.split()[-1])
+    rows = parse_importtime(done.stderr)
+    print(f"actor imports in a fresh interpreter: {wall:.2f} s wall (interpreter start "
+          f"included), {cpu:.2f} CPU-s")
+    print(f"{'cumulative s':>12} {'self s':>7}  module")
+    for cumulative, own, module in rows[: args.top]:
+        print(f"{cumulative:12.3f} {own:7.3f}  {module}")
+
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
