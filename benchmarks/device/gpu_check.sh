@@ -59,10 +59,15 @@ if ! $PY -c "import ray, prefect, prefect_ray" 2>/dev/null; then
     [[ -f .devbundle/site.tar.xz ]] || { echo "gpu_check: no Ray/Prefect here and no .devbundle/site.tar.xz (carry it)" >&2; exit 3; }
     SITE=/tmp/detectflow-site
     if [[ ! -d $SITE/ray ]]; then
-        mkdir -p "$SITE" && xz -dc .devbundle/site.tar.xz | tar -xf - -C "$SITE" || exit 3
+        mkdir -p "$SITE"
+        if command -v xz >/dev/null; then
+            xz -dc .devbundle/site.tar.xz | tar -xf - -C "$SITE" || exit 3
+        else  # Python's lzma reads it as well, slower
+            $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+                .devbundle/site.tar.xz "$SITE" || exit 3
+        fi
     fi
     export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
-    export PATH=$SITE/bin:$PATH
 fi
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 {
