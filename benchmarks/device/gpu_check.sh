@@ -33,18 +33,19 @@ for a in "$@"; do
     case $a in --dry-run) DRY=1 ;; *) steps+=("$a") ;; esac
 done
 [[ ${#steps[@]} -gt 0 ]] || steps=(imports bare fold4800)
-mkdir -p "$OUT"
 
 FP16="--set precision=fp16 --set gpu_decode=true --set channels_last=true --set gpu_streams=3"
 declare -A LIMIT=([imports]=30 [bare]=150 [fold4800]=400 [start]=60 [full1600]=420)
 declare -A CMD=(
     [imports]="-m benchmarks.import_times"
     [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
-    [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --variant 'folded BN, 4 streams:fold_batchnorm=true,gpu_streams=4' --markdown $OUT/fold4800.md"
+    [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --variant 'folded BN, 4 streams:fold_batchnorm=true,gpu_streams=4'"
     [start]="-m benchmarks.actor_start --device $DEVICE $MODEL_ARG"
-    [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600 --markdown $OUT/full1600.md"
+    [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600"
 )
 for s in "${steps[@]}"; do
+    limit=LIMIT_$s  # e.g. LIMIT_fold4800=300 overrides a step's limit
+    [[ -z ${!limit:-} ]] || LIMIT[$s]=${!limit}
     [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (imports, bare, fold4800, start, full1600)" >&2; exit 2; }
 done
 
@@ -52,6 +53,8 @@ if [[ $DRY == 1 ]]; then
     for s in "${steps[@]}"; do echo "$s (${LIMIT[$s]} s): $PY ${CMD[$s]}"; done
     exit 0
 fi
+# Three files and one log per step: the device tool brings back at most 8 files from $OUT.
+mkdir -p "$OUT"
 
 # The bundle: Ray, Prefect and the rest, shadowing nothing the machine's torch relies on; only
 # where this Python lacks them (a project venv runs the same steps without it).
@@ -85,15 +88,22 @@ if command -v nvidia-smi >/dev/null && [[ $DEVICE == cuda ]]; then
     nvidia-smi dmon -s u -d 1 -o T > "$OUT/dmon.txt" 2>&1 &
     dmon=$!
 fi
+RAY_PROCS='/ray/core/src/ray/|/ray/_private/|/ray/dashboard/|/ray/autoscaler/|^ray::'  # Ray's own
 rc=0
 for s in "${steps[@]}"; do
     echo "=== $s ($(date -u +%T), at most ${LIMIT[$s]} s): $PY ${CMD[$s]}" | tee -a "$OUT/steps.txt"
     start=$(date +%s)
+    before=$(pgrep -f "$RAY_PROCS" | sort)
     eval "timeout -k 10 ${LIMIT[$s]} $PY ${CMD[$s]}" > "$OUT/$s.log" 2>&1
     code=$?
     echo "=== $s exit $code after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
     tail -n 40 "$OUT/$s.log"
-    [[ $code == 0 ]] || rc=$code
+    if [[ $code != 0 ]]; then
+        rc=$code
+        # A step killed at its limit can leave its Ray behind, actors on the GPU included: stop
+        # the Ray processes that appeared during it (never another Ray on the machine).
+        comm -13 <(echo "$before") <(pgrep -f "$RAY_PROCS" | sort) | xargs -r kill -9 2>/dev/null
+    fi
 done
 [[ -n $dmon ]] && kill "$dmon" 2>/dev/null
 exit $rc

@@ -87,7 +87,8 @@ if [[ -d $S/botocore/data ]]; then
     done
 fi
 
-# Ray's binaries ship their symbol tables (raylet 33 MiB, 22 without); only what dynamic linking needs is kept; a run never reads them.
+# Ray's binaries ship symbol tables that a run never reads (raylet 33 MiB, 22 without them);
+# strip keeps what dynamic linking needs.
 find "$S" -type f \( -name '*.so*' -o -perm -u+x \) -print0 | while IFS= read -r -d '' f; do
     if head -c 4 "$f" | grep -q 'ELF'; then strip --strip-unneeded "$f" 2>/dev/null || true; fi
 done
@@ -95,10 +96,11 @@ done
 mkdir -p "$OUT"
 rm -f "$OUT"/site.tar.*
 tar -cf - -C "$S" . | xz -T0 -9 > "$OUT/site.tar.xz"
-"$PY" - "$WORK/constraints.txt" "$OUT/site.tar.xz" "$kept" <<'EOF'
+# The call carries the working tree (~2 MiB) and this together, 64 MiB at most.
+"$PY" - "$OUT/site.tar.xz" "$kept" <<'EOF'
 import os, sys
-size = os.path.getsize(sys.argv[2]) / 2**20
-print(f"make_bundle: {sys.argv[3]} packages in {sys.argv[2]} ({size:.1f} MiB; a call carries 64 MiB "
+size = os.path.getsize(sys.argv[1]) / 2**20
+print(f"make_bundle: {sys.argv[2]} packages in {sys.argv[1]} ({size:.1f} MiB; a call carries 64 MiB "
       "with the working tree)")
 if size > 56:
     sys.exit("make_bundle: too large to travel with the working tree")
