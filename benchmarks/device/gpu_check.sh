@@ -13,9 +13,9 @@
 #   bash benchmarks/device/gpu_check.sh bare start      # named steps only
 #
 # Steps (seconds each is allowed; the defaults sum to under 10 minutes with the unpack):
-#   imports   which modules an actor's ~5 s of imports on the GPU host go to               30 s
+#   imports   which modules an actor's ~5 s of imports on the GPU host go to              30 s
 #   bare      the bare model under fp32 / fp16 with and without folded batch norms, with box
-#             agreement and a profile (benchmarks.gpu_levers)                          150 s
+#             agreement and a profile (benchmarks.gpu_levers)                          120 s
 #   fold4800  the recipe, then ours with the fp16 levers: as measured before, with folded batch
 #             norms, and with folded batch norms and 4 streams; 4800 images              400 s
 #   start     an inference actor's start, step by step (benchmarks.actor_start)         60 s
@@ -35,7 +35,7 @@ done
 [[ ${#steps[@]} -gt 0 ]] || steps=(imports bare fold4800)
 
 FP16="--set precision=fp16 --set gpu_decode=true --set channels_last=true --set gpu_streams=3"
-declare -A LIMIT=([imports]=30 [bare]=150 [fold4800]=400 [start]=60 [full1600]=420)
+declare -A LIMIT=([imports]=30 [bare]=120 [fold4800]=400 [start]=60 [full1600]=420)
 declare -A CMD=(
     [imports]="-m benchmarks.import_times"
     [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
