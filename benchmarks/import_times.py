@@ -12,7 +12,6 @@ the next lever can aim at the right one.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -39,12 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
 
-    env = os.environ | {"PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-X", "importtime", "-c",
            f"import time; t = time.process_time(); {ACTOR_IMPORTS}; "
            "print('cpu', time.process_time() - t)"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:  # say why, not where in this script
         errors = [line for line in done.stderr.splitlines() if not line.startswith("import time")]
@@ -57,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'cumulative s':>12} {'self s':>7}  module")
     for cumulative, own, module in rows[: args.top]:
         print(f"{cumulative:12.3f} {own:7.3f}  {module}")
-
     return 0
 
 

@@ -77,9 +77,7 @@ EOF
 S=$WORK/site
 rm -rf "$S"/ray/rllib "$S"/ray/serve "$S"/ray/tune "$S"/ray/train "$S"/ray/jars "$S"/ray/cpp \
        "$S"/ray/dashboard/client/build "$S"/ray/tests "$S"/ray/air/tests "$S"/ray/data/tests \
-       "$S"/prefect/server/ui "$S"/prefect/server/ui_v2 "$S"/prefect/ui_v2 \
-       "$S"/botocore/data/*/[0-9]*/examples-1.json
-find "$S" -name '__pycache__' -type d -prune -exec rm -rf {} +
+       "$S"/prefect/server/ui "$S"/prefect/server/ui_v2 "$S"/prefect/ui_v2
 # botocore's service models: keep S3 and what s3fs/aiobotocore resolve with it.
 if [[ -d $S/botocore/data ]]; then
     for d in "$S"/botocore/data/*/; do
