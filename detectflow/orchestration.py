@@ -8,6 +8,7 @@ its task runs. We hand the flow's own API URL to every Ray worker through ``runt
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -128,8 +129,38 @@ def task_options(env: dict[str, str], num_cpus: float = 0) -> Iterator[None]:
     separate worker pool per runtime_env, so a redundant one (measured) would skip the workers
     that ``raycluster.warm_workers`` already warmed and start cold ones.
     """
-    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
-    extra = {} if all(job_env.get(k) == v for k, v in env.items()) else {
-        "runtime_env": {"env_vars": env}}
+    task_env = task_runtime_env(env)
+    extra = {"runtime_env": task_env} if task_env else {}
     with remote_options(num_cpus=num_cpus, **extra):
         yield
+
+
+def task_runtime_env(env: dict[str, str]) -> dict[str, Any] | None:
+    """The ``runtime_env`` our Prefect tasks add to the job's: ``env`` unless the job has it."""
+    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+    return None if all(job_env.get(k) == v for k, v in env.items()) else {"env_vars": env}
+
+
+def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
+    """Have the local raylet start the inference actors' workers now, so that they import torch
+    and ``ray.data`` while the stages before detect run (``detectflow.prestart``); how many.
+
+    One machine only: on a multi-node cluster the actors may land on any node. A plan the
+    cluster cannot run prestarts nothing; the detect task reports it.
+    """
+    from detectflow import prestart
+    from detectflow.pipeline import plan_resources
+
+    if not prestart.enabled():
+        return 0
+    try:
+        nodes = alive_nodes()
+        if nodes != 1:
+            return 0
+        plan = plan_resources(cfg, ray.cluster_resources(), nodes)
+    except Exception:  # noqa: BLE001 - e.g. ConfigError, raised again by the detect task
+        return 0
+    parent = prestart.current_runtime_env()  # the detect task's: the job's, plus task_options'
+    if extra := task_runtime_env(env):
+        parent = json.loads(prestart.merged_runtime_env(parent, extra))
+    return prestart.prestart_detectors(plan.num_actors, parent)

@@ -18,6 +18,7 @@ from detectflow.orchestration import (
     LazyRayTaskRunner,
     alive_nodes,
     completed,
+    prestart_detectors,
     ray_cluster,
     task_options,
     worker_env,
@@ -78,6 +79,7 @@ def _run(cfg: RunConfig) -> dict:
         return finish(cfg, manifest)
     env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg.ray_address, env), task_options(env):
+        prestart_detectors(cfg, env)  # the inference actors' workers import torch meanwhile
         require_shared_storage(cfg, alive_nodes())  # every node must reach input and output
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
         # surfaces as that stage's own error, and one warm Ray worker runs every task.

@@ -1,0 +1,152 @@
+"""Inference actors that start in workers Ray prestarted while the run was still listing images.
+
+An inference actor's start is mostly imports in a new process: Ray's worker, ``ray.data`` (with
+pandas), torch and torchvision (on the H200's host ~5 s of the ~9 s before the GPU's first
+batch; benchmarks/RESULTS.md). Ray Data creates its actors only once the detect stage executes,
+so all of that used to wait for the stages before it. Now:
+
+1. The Detector actors carry a runtime env whose worker setup hook (Ray's
+   ``worker_process_setup_hook``, given as its environment variable so that it also works on an
+   actor rather than only a job) runs :func:`preload` in a new worker before it takes any work.
+2. As soon as Ray is up, the run asks the local raylet to prestart as many workers as the pool
+   has actors, with exactly that runtime env (the raylet's ``PrestartWorkers`` RPC, which Ray
+   2.60 calls only from C++). The raylet gives an idle worker that has run nothing to the next
+   actor whose runtime env hashes the same, so the actors land in workers that did their
+   imports while ``list_images`` ran (tests/test_prestart.py checks the process ids).
+
+Both halves fail soft: without the prestart an actor starts a worker of its own and the hook
+imports the same modules there; if Ray's internals moved, the run starts its actors cold.
+``DETECTFLOW_PRESTART=0`` turns both off. Not done: multi-node clusters (actors may land on any
+node; only one machine's raylet is asked), and CUDA (a prestarted worker has no GPU assigned yet;
+the actor creates its CUDA context after Ray has set ``CUDA_VISIBLE_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Ray's own name for the setup hook's variable (ray._private.ray_constants); a module path as
+# its value is imported and called by ``default_worker.py`` before the worker's main loop.
+HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+HOOK = "detectflow.prestart.preload"
+# What an inference actor imports before its first batch: Ray Data's actor class, torch, and
+# torchvision without TorchDynamo (torchvision_import) through the predictor's model code.
+ACTOR_MODULES = ("ray.data", "torch", "detectflow.predictor", "detectflow.models")
+# A prestarted worker stays this long even when idle (Ray would otherwise stop idle workers
+# beyond one per CPU after a second); one that is never used dies with the job.
+KEEP_ALIVE_S = 600
+# Set by preload() in the worker: when it ran and for how long, for tests and benchmarks.
+PRELOADED_ENV = "DETECTFLOW_PRELOADED"
+
+
+def enabled() -> bool:
+    return os.environ.get("DETECTFLOW_PRESTART", "1").lower() not in ("0", "false", "no")
+
+
+def preload() -> None:
+    """Ray's worker setup hook: import what an inference actor needs. Never raises, since a hook
+    that fails makes Ray stop the worker; the actor then imports (and reports) it itself."""
+    start = time.time()
+    try:
+        import importlib
+
+        from detectflow.gcpause import collection_paused
+        from detectflow.torchvision_import import import_torchvision
+
+        with collection_paused():
+            for name in ACTOR_MODULES:
+                importlib.import_module(name)
+            import_torchvision()
+    except Exception:  # noqa: BLE001
+        log.debug("preloading the inference actor's modules failed", exc_info=True)
+    os.environ[PRELOADED_ENV] = f"{start:.3f}:{time.time() - start:.3f}"
+
+
+def actor_runtime_env(parent: dict[str, Any]) -> dict[str, Any] | None:
+    """The runtime env the inference actors add to ``parent`` (their creator's), or None: when
+    turned off, or when ``parent`` already names a setup hook (the user's, which stays)."""
+    if not enabled() or HOOK_ENV in (parent.get("env_vars") or {}):
+        return None
+    return {"env_vars": {HOOK_ENV: HOOK}}
+
+
+def merged_runtime_env(parent: dict[str, Any], child: dict[str, Any]) -> str:
+    """The serialized runtime env Ray gives a task or actor created with ``child`` by a process
+    whose own is ``parent``, as Ray's core worker merges them (env vars merged, the child's
+    other fields replacing the parent's) and writes them (compact JSON, keys sorted). The raylet
+    matches idle workers to an actor by a hash of exactly this string."""
+    merged = {**parent, **child}
+    if "env_vars" in parent or "env_vars" in child:
+        merged["env_vars"] = {**(parent.get("env_vars") or {}), **(child.get("env_vars") or {})}
+    return json.dumps(merged, separators=(",", ":"), sort_keys=True)
+
+
+def prestart_workers(count: int, serialized_runtime_env: str,
+                     keep_alive_s: int = KEEP_ALIVE_S) -> None:
+    """Ask the local raylet to start ``count`` workers of this job with that runtime env now."""
+    import ray
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import (
+        common_pb2,
+        node_manager_pb2,
+        node_manager_pb2_grpc,
+        runtime_environment_pb2,
+    )
+
+    worker = ray._private.worker.global_worker
+    node = worker.node
+    channel = init_grpc_channel(f"{node.node_ip_address}:{node.node_manager_port}")
+    try:
+        node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(
+            node_manager_pb2.PrestartWorkersRequest(
+                language=common_pb2.Language.PYTHON,
+                job_id=worker.current_job_id.binary(),
+                runtime_env_info=runtime_environment_pb2.RuntimeEnvInfo(
+                    serialized_runtime_env=serialized_runtime_env),
+                keep_alive_duration_secs=keep_alive_s,
+                num_workers=count,
+            ),
+            timeout=10,
+        )
+    finally:
+        channel.close()
+
+
+def current_runtime_env() -> dict[str, Any]:
+    """This Ray driver's or worker's own runtime env, as a plain dict."""
+    import ray
+
+    return json.loads(ray.get_runtime_context().get_runtime_env_string() or "{}")
+
+
+_asked: set[str] = set()  # jobs whose workers were prestarted already (once per job)
+
+
+def prestart_detectors(count: int, parent: dict[str, Any]) -> int:
+    """Prestart ``count`` workers for inference actors created by a process whose runtime env is
+    ``parent`` (the detect task's), once per Ray job; how many were asked for. Never raises:
+    this only saves time."""
+    import ray
+
+    child = actor_runtime_env(parent)
+    if child is None or count < 1 or not ray.is_initialized():  # (its calls would start one)
+        return 0
+    try:
+        job = ray.get_runtime_context().get_job_id()
+        if job in _asked:
+            return 0
+        _asked.add(job)
+        prestart_workers(count, merged_runtime_env(parent, child))
+    except Exception as exc:  # noqa: BLE001 - Ray's internals moved: the actors start cold
+        log.info("could not prestart the inference actors' workers (%s); they start cold",
+                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 0
+    log.debug("prestarted %d worker(s) for the inference actors", count)
+    return count
+

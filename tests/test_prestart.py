@@ -1,0 +1,148 @@
+"""Inference actors start in workers prestarted while the run lists its images
+(``detectflow.prestart``): a real local Ray, the real CLI, process ids read from the OS."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fresh import run_fresh
+
+from benchmarks.measure import descendants
+from detectflow import prestart
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+
+
+def test_the_merged_runtime_env_is_the_one_ray_gives_a_child():
+    """The raylet matches an idle worker to an actor by a hash of this exact string."""
+    out = run_fresh("""
+        import json, ray
+        from detectflow import prestart
+        ray.init(num_cpus=1, include_dashboard=False,
+                 runtime_env={"env_vars": {"B": "2", "A": "1"}})
+        parent = prestart.current_runtime_env()
+        child = {"env_vars": {"C": "3", "A": "x"}}
+
+        @ray.remote(num_cpus=0)
+        def own():
+            return ray.get_runtime_context().get_runtime_env_string()
+
+        @ray.remote(num_cpus=0)
+        class Own:
+            def get(self):
+                return ray.get_runtime_context().get_runtime_env_string()
+
+        print(json.dumps({
+            "parent": parent, "expected": prestart.merged_runtime_env(parent, child),
+            "task": ray.get(own.options(runtime_env=child).remote()),
+            "actor": ray.get(Own.options(runtime_env=child).remote().get.remote())}))
+        ray.shutdown()
+        """, timeout=180)
+    assert out["parent"] == {"env_vars": {"A": "1", "B": "2"}}
+    assert out["task"] == out["expected"] == out["actor"]
+    assert out["expected"] == '{"env_vars":{"A":"x","B":"2","C":"3"}}'
+
+
+def test_actors_keep_a_users_own_setup_hook_and_can_be_turned_off(monkeypatch):
+    assert prestart.actor_runtime_env({}) == {"env_vars": {prestart.HOOK_ENV: prestart.HOOK}}
+    users = {"env_vars": {prestart.HOOK_ENV: "their.hook"}}
+    assert prestart.actor_runtime_env(users) is None
+    monkeypatch.setenv("DETECTFLOW_PRESTART", "0")
+    assert prestart.actor_runtime_env({}) is None
+    assert prestart.prestart_detectors(2, {}) == 0
+
+
+def test_the_setup_hook_preloads_the_actor_modules_and_never_raises():
+    out = run_fresh("""
+        import json, os, sys
+        from detectflow import prestart
+        before = {m: m in sys.modules for m in prestart.ACTOR_MODULES}
+        prestart.preload()
+        print(json.dumps({"before": before, "after": {m: m in sys.modules
+                                                      for m in prestart.ACTOR_MODULES},
+                          "torchvision": "torchvision" in sys.modules,
+                          "dynamo": "torch._dynamo" in sys.modules,
+                          "marker": os.environ.get(prestart.PRELOADED_ENV)}))
+        """, timeout=180)
+    assert not any(out["before"].values())
+    assert all(out["after"].values()) and out["torchvision"]
+    assert not out["dynamo"]  # torchvision came in the actors' way, without TorchDynamo
+    started, took = map(float, out["marker"].split(":"))
+    assert started > 0 and took > 0
+
+
+def test_prestart_outside_ray_is_a_no_op():
+    out = run_fresh("""
+        import json
+        from detectflow import prestart
+        print(json.dumps({"asked": prestart.prestart_detectors(2, {})}))
+        """, timeout=120)
+    assert out["asked"] == 0
+
+
+def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool) -> dict:
+    """``detectflow run`` in a child process while its Ray processes are sampled every 50 ms:
+    when the detect task began, and the process of each inference actor."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"),
+               DETECTFLOW_PRESTART="1" if prestarted else "0")
+    out = tmp_path / "out"
+    tmp_path.mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detectflow", "run", "--input", str(ROOT / "data" / "sample_images"),
+         "--output", str(out), "--model", SMALL, "--weights", str(weights), "--run-id", "r"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    actors: dict[int, bool] = {}  # inference actor's pid -> its worker has the preload hook
+    before_detect: set[int] = set()  # processes up when the detect task began
+
+    def title(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").split(" ")[0]
+
+    def sample():
+        while proc.poll() is None:
+            pids = descendants(proc.pid)
+            for pid in pids:
+                try:
+                    name = title(pid)
+                    if name == "ray::detect" and not before_detect:
+                        before_detect.update(pids)
+                    if name.startswith("ray::MapWorker(MapBatches(Detector))") \
+                            and pid not in actors:
+                        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                        actors[pid] = any(e.startswith(prestart.HOOK_ENV.encode() + b"=")
+                                          for e in environ)
+                except OSError:  # ended meanwhile
+                    continue
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    watcher.join(10)
+    assert proc.returncode == 0, output[-3000:]
+    assert before_detect and actors, output[-3000:]
+    return {"actors": [{"pid": pid, "hook": hook, "before_detect": pid in before_detect}
+                       for pid, hook in actors.items()],
+            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))}
+
+
+@pytest.mark.timeout(900)
+def test_inference_actors_start_in_workers_prestarted_before_the_detect_stage(
+        tmp_path, small_weights):
+    on = _run_cli_watching(tmp_path / "on", small_weights, prestarted=True)
+    # Both actors (one per core here) in workers that were up before the detect task began,
+    # which is when Ray Data creates them: the prestarted ones, with the preloading hook.
+    assert len(on["actors"]) == 2
+    assert all(a["before_detect"] and a["hook"] for a in on["actors"]), on
+    off = _run_cli_watching(tmp_path / "off", small_weights, prestarted=False)
+    assert off["actors"] and not any(a["before_detect"] or a["hook"] for a in off["actors"]), off
+    assert on["files"] == off["files"] and on["files"]
