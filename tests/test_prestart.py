@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fresh import run_fresh
+from ray_nodes import LocalCluster
 
 from benchmarks.measure import descendants
 from detectflow import prestart
@@ -85,17 +86,21 @@ def test_prestart_outside_ray_is_a_no_op():
     assert out["asked"] == 0
 
 
-def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool) -> dict:
-    """``detectflow run`` in a child process while its Ray processes are sampled every 50 ms:
-    when the detect task began, and the process of each inference actor."""
+def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool,
+                      cluster: LocalCluster | None = None) -> dict:
+    """``detectflow run`` in a child process (on ``cluster`` if given) while its Ray processes
+    are sampled every 50 ms: those up when the detect task began, and the inference actors'."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"),
                DETECTFLOW_PRESTART="1" if prestarted else "0")
+    if cluster:
+        env["RAY_AUTH_MODE"] = "token"
     out = tmp_path / "out"
     tmp_path.mkdir(parents=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "detectflow", "run", "--input", str(ROOT / "data" / "sample_images"),
-         "--output", str(out), "--model", SMALL, "--weights", str(weights), "--run-id", "r"],
+         "--output", str(out), "--model", SMALL, "--weights", str(weights), "--run-id", "r",
+         *(["--ray-address", cluster.address] if cluster else [])],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     actors: dict[int, bool] = {}  # inference actor's pid -> its worker has the preload hook
     before_detect: set[int] = set()  # processes up when the detect task began
@@ -106,7 +111,7 @@ def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool) -> dict:
 
     def sample():
         while proc.poll() is None:
-            pids = descendants(proc.pid)
+            pids = descendants(proc.pid, *(p.pid for p in (cluster.procs if cluster else [])))
             for pid in pids:
                 try:
                     name = title(pid)
@@ -146,3 +151,17 @@ def test_inference_actors_start_in_workers_prestarted_before_the_detect_stage(
     off = _run_cli_watching(tmp_path / "off", small_weights, prestarted=False)
     assert off["actors"] and not any(a["before_detect"] or a["hook"] for a in off["actors"]), off
     assert on["files"] == off["files"] and on["files"]
+
+
+@pytest.mark.timeout(900)
+def test_on_a_one_node_cluster_too_with_our_code_shipped(tmp_path, small_weights):
+    """A deployment's run joins a long-lived ``ray start`` node; the job's runtime env then
+    carries our packages (``py_modules``), and the prestarted workers' must match it."""
+    cluster = LocalCluster(nodes=1, cpus_per_node=2).start(dict(os.environ))
+    try:
+        on = _run_cli_watching(tmp_path / "on", small_weights, prestarted=True, cluster=cluster)
+    finally:
+        cluster.stop()
+    assert len(on["actors"]) == 2
+    assert all(a["before_detect"] and a["hook"] for a in on["actors"]), on
+    assert on["files"]
