@@ -58,6 +58,19 @@ def test_actors_keep_a_users_own_setup_hook_and_can_be_turned_off(monkeypatch):
     assert prestart.prestart_detectors(2, {}) == 0
 
 
+def test_prestart_runs_by_default_only_with_cores_to_spare(monkeypatch):
+    """On 2 cores with 2 actors it only moved CPU time (benchmarks/RESULTS.md)."""
+    monkeypatch.delenv("DETECTFLOW_PRESTART", raising=False)
+    assert prestart.mode() == "auto"
+    assert not prestart.worth_prestarting(cpus=2, actors=2)  # this VM, CPU actors
+    assert prestart.worth_prestarting(cpus=16, actors=1)  # a GPU host
+    assert not prestart.worth_prestarting(cpus=8, actors=8)
+    monkeypatch.setenv("DETECTFLOW_PRESTART", "1")
+    assert prestart.worth_prestarting(cpus=2, actors=2)
+    monkeypatch.setenv("DETECTFLOW_PRESTART", "0")
+    assert not prestart.worth_prestarting(cpus=16, actors=1) and not prestart.enabled()
+
+
 def test_the_setup_hook_preloads_the_actor_modules_and_never_raises():
     out = run_fresh("""
         import json, os, sys

@@ -1,0 +1,115 @@
+"""Whole-flow A/B: ``detectflow run`` alternating between two settings of one environment variable.
+
+A start-up lever moves a run by a second or two, while a shared VM's speed drifts by more than
+that within an hour, so runs an hour apart cannot show it. Here each pair runs both settings back
+to back, in alternating order, on the same images, and the table gives the means, their ranges
+and in how many pairs B was quicker.
+
+    python -m benchmarks.flow_ab DETECTFLOW_PRESTART=0 DETECTFLOW_PRESTART=1 --pairs 4
+    python -m benchmarks.flow_ab A B --device cuda --n 1600 --set precision=fp16 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.run import GPU_MODEL, SMALL_MODEL, parse_sets, pick_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.flow_ab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", help="NAME=VALUE for the A runs (VALUE may be empty: unset)")
+    p.add_argument("b", help="NAME=VALUE for the B runs")
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--n", type=int, default=96, help="images (cut as `make bench` cuts them)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a RunConfig field for every run, e.g. precision=fp16 (repeatable)")
+    p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
+    return p.parse_args(argv)
+
+
+def setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"flow_ab: expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def summarize(runs: list[dict]) -> str:
+    def col(key: str) -> str:
+        values = [r[key] for r in runs]
+        return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    return f"{len(runs)} | {col('wall')} | {col('detect')} | {col('outside')}"
+
+
+def format_table(label: dict[str, str], runs: dict[str, list[dict]]) -> str:
+    lines = ["| runs | setting | wall s | detect stage s | outside detect s |",
+             "|---|---|---|---|---|"]
+    for key in ("a", "b"):
+        count, *rest = summarize(runs[key]).split(" | ")
+        lines.append(" | ".join([f"| {count}", label[key], *rest]) + " |")
+    pairs = list(zip(runs["a"], runs["b"]))
+    for key in ("wall", "detect", "outside"):
+        deltas = [b[key] - a[key] for a, b in pairs]
+        quicker = sum(d < 0 for d in deltas)
+        lines.append(f"\nB - A, {key}: mean {statistics.mean(deltas):+.2f} s, "
+                     f"B quicker in {quicker} of {len(pairs)} pairs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.images import make_images
+    from benchmarks.ours import run_whole_flow
+
+    args = parse_args(argv)
+    settings = {"a": setting(args.a), "b": setting(args.b)}
+    cache = Path(args.cache_dir)
+    model = args.model or (GPU_MODEL if args.device == "cuda" else SMALL_MODEL)
+    weights = pick_weights(model, args.weights, cache)
+    images = make_images(args.n, cache / "images")
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(args.sets).items()]
+    label = {k: f"{n}={v}" if v else f"{n} unset" for k, (n, v) in settings.items()}
+    print(f"flow_ab: {args.n} images, model {model}, device {args.device}, "
+          f"{os.cpu_count()} CPUs; A: {label['a']}, B: {label['b']}", flush=True)
+    runs: dict[str, list[dict]] = {"a": [], "b": []}
+    for k in range(args.pairs):
+        for key in ("a", "b") if k % 2 == 0 else ("b", "a"):
+            name, value = settings[key]
+            # The child's environment: ours with the setting applied (an empty value unsets).
+            saved = os.environ.pop(name, None)
+            if value:
+                os.environ[name] = value
+            work = Path(tempfile.mkdtemp(prefix="flow-ab-", dir=cache))
+            try:
+                result = run_whole_flow(images, work, model, weights, args.score_threshold,
+                                        args.device, extra, log=work / "flow.log")
+            finally:
+                os.environ.pop(name, None)
+                if saved is not None:
+                    os.environ[name] = saved
+                shutil.rmtree(work, ignore_errors=True)
+            row = {"wall": result["wall"], "detect": result["detect_seconds"],
+                   "outside": result["overhead"]}
+            runs[key].append(row)
+            print(f"pair {k + 1} {key.upper()} {label[key]}: wall {row['wall']:.2f} s, detect "
+                  f"{row['detect']:.2f} s, outside detect {row['outside']:.2f} s", flush=True)
+    print("\n" + format_table(label, runs), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
