@@ -145,9 +145,9 @@ def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
     """Have the local raylet start the inference actors' workers now, so that they import torch
     and ``ray.data`` while the stages before detect run (``detectflow.prestart``); how many.
 
-    One machine only: on a multi-node cluster the actors may land on any node. Only with cores
-    to spare (``prestart.worth_prestarting``). A plan the cluster cannot run prestarts nothing;
-    the detect task reports it.
+    Only where ``prestart.applies``: one machine (on a multi-node cluster the actors may land on
+    any node), cores to spare. A plan the cluster cannot run prestarts nothing; the detect task
+    reports it.
     """
     from detectflow import prestart
     from detectflow.pipeline import plan_resources
@@ -155,13 +155,10 @@ def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
     if not prestart.enabled():
         return 0
     try:
-        nodes = alive_nodes()
-        if nodes != 1:
-            return 0
-        plan = plan_resources(cfg, ray.cluster_resources(), nodes)
+        plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
     except Exception:  # noqa: BLE001 - e.g. ConfigError, raised again by the detect task
         return 0
-    if not prestart.worth_prestarting(plan.cluster_cpus, plan.num_actors):
+    if not prestart.applies(plan):
         return 0
     parent = prestart.current_runtime_env()  # the detect task's: the job's, plus task_options'
     if extra := task_runtime_env(env):

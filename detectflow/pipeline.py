@@ -18,11 +18,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detectflow import failpoints, listing, resume, storage
+from detectflow import failpoints, listing, prestart, resume, storage
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError
 from detectflow.predictor import Detector, decode_batch, model_tuning
-from detectflow.prestart import actor_runtime_env, current_runtime_env
 
 MAX_LISTED_FAILURES = 1000
 DECODE_BATCH = 16
@@ -336,8 +335,9 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         compute=plan.actor_pool(),
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
-        # Preloads torch and ray.data in the actors' workers; with it they can be prestarted.
-        **({"runtime_env": env} if (env := actor_runtime_env(current_runtime_env())) else {}),
+        # Preloads torch and ray.data in the actors' workers, which the flow prestarted.
+        **({"runtime_env": env} if prestart.applies(plan)
+           and (env := prestart.actor_runtime_env(prestart.current_runtime_env())) else {}),
     )
     # Ray Data's progress bars are drawn for a terminal; from the Ray worker that runs the detect
     # task they reach the user as hundreds of lines of escape codes (373 lines for 96 images,

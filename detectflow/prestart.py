@@ -16,9 +16,9 @@ so all of that used to wait for the stages before it. Now:
 
 The prestart only moves CPU work earlier, so it pays only where the start-up leaves cores idle:
 measured on 2 cores with 2 CPU actors (benchmarks/RESULTS.md), the detect stage took 2.16 s less
-and the stages before it 2.20 s more, wall time unchanged. By default (``auto``) it runs when
-the node has ``SPARE_CPUS`` more CPUs than actors, e.g. a GPU host; ``DETECTFLOW_PRESTART=1``
-always, ``0`` never (nor the hook).
+and the stages before it 2.20 s more, wall time unchanged. By default (``auto``) a run on one
+node that has ``SPARE_CPUS`` more CPUs than actors (a GPU host) does both; others neither, so
+they run as before. ``DETECTFLOW_PRESTART=1`` always, ``0`` never.
 
 Both halves fail soft: without the prestart an actor starts a worker of its own and the hook
 imports the same modules there; if Ray's internals moved, the run starts its actors cold. Not
@@ -53,6 +53,8 @@ PRELOADED_ENV = "DETECTFLOW_PRELOADED"
 
 # CPUs a run's own start-up keeps busy meanwhile: Prefect's flow engine and the first tasks, Ray.
 SPARE_CPUS = 2
+# Ray Data's three helper actors start early on nodes with at least this many CPUs.
+HELPERS_MIN_CPUS = 4
 
 
 def mode() -> str:
@@ -69,6 +71,44 @@ def enabled() -> bool:
 def worth_prestarting(cpus: float, actors: int) -> bool:
     """Whether ``actors`` workers' imports would run on cores the start-up leaves idle."""
     return mode() == "on" or (mode() == "auto" and cpus >= actors + SPARE_CPUS)
+
+
+def helpers_early(cpus: float) -> bool:
+    """Whether the warmed worker starts Ray Data's helper actors (``start_ray_data_helpers``)
+    on a node of ``cpus`` CPUs: three new processes, like the prestart only worth it with cores
+    to spare."""
+    return mode() == "on" or (mode() == "auto" and cpus >= HELPERS_MIN_CPUS)
+
+
+def start_ray_data_helpers() -> None:
+    """Create Ray Data's helper actors now, as it does (get or create, by name) when a dataset
+    first executes: its stats actor, autoscaling coordinator and actor location tracker.
+
+    Each is a detached actor in a new worker that imports ``ray.data`` (~2.5 s on the H200's
+    host), and the detect stage's first batch waited for them: traced on this VM with the
+    inference actors prestarted, they were the last to be ready. The warmed Ray worker calls
+    this once it has imported ``ray.data`` (``raycluster``); Ray Data then finds them running.
+    On a long-lived cluster they exist after its first run, and this finds them too.
+    """
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+    from ray.data._internal.execution.node_trackers.actor_location import (
+        get_or_create_actor_location_tracker,
+    )
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    for create in (get_or_create_stats_actor, get_or_create_autoscaling_coordinator,
+                   get_or_create_actor_location_tracker):
+        create()
+
+
+def applies(plan: Any) -> bool:
+    """Whether a run with this ``pipeline.ResourcePlan`` prestarts its actors' workers (and so
+    gives its actors the hook): one node, cores to spare. The flow, which prestarts, and the
+    detect task, which creates the actors, decide alike from the same plan."""
+    return enabled() and plan.nodes == 1 and worth_prestarting(plan.cluster_cpus,
+                                                                plan.num_actors)
 
 
 def preload() -> None:

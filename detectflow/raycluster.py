@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from detectflow import raystart
+from detectflow import prestart, raystart
 from detectflow.errors import ConfigError
 from detectflow.gcpause import collection_paused
 
@@ -71,6 +71,10 @@ def worker_env(api_url: str | None, s3_endpoint_url: str | None = None) -> dict[
         env["PREFECT_API_URL"] = api_url.rstrip("/")
     if s3_endpoint_url:
         env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
+    if prestart_mode := os.environ.get("DETECTFLOW_PRESTART"):
+        # The flow prestarts, the detect task (on any worker) gives the actors their runtime
+        # env: both must read the same setting (detectflow.prestart).
+        env["DETECTFLOW_PRESTART"] = prestart_mode
     return env
 
 
@@ -165,6 +169,8 @@ def _import(modules: tuple[str, ...], freeze: bool = True) -> None:
 def _import_later() -> None:
     try:
         _import(LATER_MODULES, freeze=False)  # the worker runs a task meanwhile
+        if prestart.helpers_early(ray.cluster_resources().get("CPU", 0)):
+            prestart.start_ray_data_helpers()
     except Exception:  # the task that needs it imports it again and reports the error
         log.debug("a background import failed", exc_info=True)
 

@@ -71,6 +71,47 @@ def test_prestart_runs_by_default_only_with_cores_to_spare(monkeypatch):
     assert not prestart.worth_prestarting(cpus=16, actors=1) and not prestart.enabled()
 
 
+def test_the_flow_and_the_detect_task_decide_alike_from_the_plan(monkeypatch):
+    from detectflow.config import RunConfig
+    from detectflow.pipeline import plan_resources
+
+    monkeypatch.delenv("DETECTFLOW_PRESTART", raising=False)
+    cfg = RunConfig(model=SMALL)
+    assert not prestart.applies(plan_resources(cfg, {"CPU": 2}))  # this VM: as before
+    assert prestart.applies(plan_resources(cfg, {"CPU": 16, "GPU": 1}))
+    assert not prestart.applies(plan_resources(cfg, {"CPU": 32, "GPU": 2}, nodes=2))
+    assert prestart.helpers_early(16) and not prestart.helpers_early(2)
+    monkeypatch.setenv("DETECTFLOW_PRESTART", "0")
+    assert not prestart.applies(plan_resources(cfg, {"CPU": 16, "GPU": 1}))
+    assert not prestart.helpers_early(16)
+
+
+def test_the_warmed_worker_starts_ray_datas_helper_actors():
+    """Ray Data's three per-cluster actors exist before any dataset ran."""
+    out = run_fresh("""
+        import json, time, ray
+        from detectflow import raycluster
+        raycluster.connect(None, {})
+        raycluster.await_warm_workers(timeout=120)
+        wanted = {"datasets_stats_actor": "_dataset_stats_actor",
+                  "AutoscalingCoordinator": "AutoscalingCoordinator",
+                  "ActorLocationTracker": "ActorLocationTracker"}
+        found, deadline = set(), time.monotonic() + 90
+        while len(found) < len(wanted) and time.monotonic() < deadline:
+            for name, namespace in wanted.items():
+                try:
+                    ray.get_actor(name, namespace=namespace)
+                    found.add(name)
+                except ValueError:
+                    pass
+            time.sleep(0.2)
+        print(json.dumps({"found": sorted(found)}))
+        raycluster.shutdown()
+        """, timeout=240, DETECTFLOW_PRESTART="1")
+    assert out["found"] == ["ActorLocationTracker", "AutoscalingCoordinator",
+                            "datasets_stats_actor"]
+
+
 def test_the_setup_hook_preloads_the_actor_modules_and_never_raises():
     out = run_fresh("""
         import json, os, sys

@@ -20,6 +20,9 @@
 #             norms, and with folded batch norms and 4 streams; 4800 images              400 s
 #   start     an inference actor's start, step by step (benchmarks.actor_start)         60 s
 #   full1600  every row of the benchmark at 1600 images, bound and whole flow included  420 s
+#   prestart  the whole flow with the fp16 levers, 1600 images, inference actors cold against
+#             prestarted (detectflow/prestart.py; on by default on such a host), two pairs
+#             alternating (benchmarks.flow_ab)                                         240 s
 set -uo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -35,18 +38,19 @@ done
 [[ ${#steps[@]} -gt 0 ]] || steps=(imports bare fold4800)
 
 FP16="--set precision=fp16 --set gpu_decode=true --set channels_last=true --set gpu_streams=3"
-declare -A LIMIT=([imports]=30 [bare]=120 [fold4800]=400 [start]=60 [full1600]=420)
+declare -A LIMIT=([imports]=30 [bare]=120 [fold4800]=400 [start]=60 [full1600]=420 [prestart]=240)
 declare -A CMD=(
     [imports]="-m benchmarks.import_times"
     [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
     [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --variant 'folded BN, 4 streams:fold_batchnorm=true,gpu_streams=4'"
     [start]="-m benchmarks.actor_start --device $DEVICE $MODEL_ARG"
     [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600"
+    [prestart]="-m benchmarks.flow_ab DETECTFLOW_PRESTART=0 DETECTFLOW_PRESTART= --pairs 2 --device $DEVICE $MODEL_ARG --n 1600 $FP16"
 )
 for s in "${steps[@]}"; do
     limit=LIMIT_$s  # e.g. LIMIT_fold4800=300 overrides a step's limit
     [[ -z ${!limit:-} ]] || LIMIT[$s]=${!limit}
-    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (imports, bare, fold4800, start, full1600)" >&2; exit 2; }
+    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (imports, bare, fold4800, start, full1600, prestart)" >&2; exit 2; }
 done
 
 if [[ $DRY == 1 ]]; then
