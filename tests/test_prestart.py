@@ -141,9 +141,10 @@ def test_prestart_outside_ray_is_a_no_op():
 
 
 def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool,
-                      cluster: LocalCluster | None = None) -> dict:
-    """``detectflow run`` in a child process (on ``cluster`` if given) while its Ray processes
-    are sampled every 50 ms: those up when the detect task began, and the inference actors'."""
+                      cluster: LocalCluster | None = None, api_url: str | None = None) -> dict:
+    """``detectflow run`` in a child process (on ``cluster`` if given; with ``api_url``, the
+    flow function itself against that API, as a deployment runs it) while its Ray processes are
+    sampled every 50 ms: those up when the detect task began, and the inference actors'."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"),
                DETECTFLOW_PRESTART="1" if prestarted else "0")
@@ -151,11 +152,19 @@ def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool,
         env["RAY_AUTH_MODE"] = "token"
     out = tmp_path / "out"
     tmp_path.mkdir(parents=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "detectflow", "run", "--input", str(ROOT / "data" / "sample_images"),
-         "--output", str(out), "--model", SMALL, "--weights", str(weights), "--run-id", "r",
-         *(["--ray-address", cluster.address] if cluster else [])],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    inputs = str(ROOT / "data" / "sample_images")
+    command = [sys.executable, "-m", "detectflow", "run", "--input", inputs, "--output", str(out),
+               "--model", SMALL, "--weights", str(weights), "--run-id", "r",
+               *(["--ray-address", cluster.address] if cluster else [])]
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+        command = [sys.executable, "-c", (
+            "from flows.detect_objects import detect_objects\n"
+            f"state = detect_objects(input_uri={inputs!r}, output_uri={str(out)!r}, "
+            f"model={SMALL!r}, weights={str(weights)!r}, run_id='r', return_state=True)\n"
+            "assert state.is_completed(), state")]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT)
     actors: dict[int, bool] = {}  # inference actor's pid -> its worker has the preload hook
     before_detect: set[int] = set()  # processes up when the detect task began
 
@@ -216,6 +225,16 @@ def test_on_a_one_node_cluster_too_with_our_code_shipped(tmp_path, small_weights
         on = _run_cli_watching(tmp_path / "on", small_weights, prestarted=True, cluster=cluster)
     finally:
         cluster.stop()
+    assert len(on["actors"]) == 2
+    assert all(a["before_detect"] and a["hook"] for a in on["actors"]), on
+    assert on["files"]
+
+
+@pytest.mark.timeout(900)
+def test_the_flow_prestarts_them_itself_as_a_deployment_runs_it(tmp_path, small_weights,
+                                                                  prefect_api):
+    """No ``detectflow run`` around it: the flow's own call right after connecting to Ray."""
+    on = _run_cli_watching(tmp_path / "on", small_weights, prestarted=True, api_url=prefect_api)
     assert len(on["actors"]) == 2
     assert all(a["before_detect"] and a["hook"] for a in on["actors"]), on
     assert on["files"]
