@@ -22,9 +22,9 @@ they run as before. ``DETECTFLOW_PRESTART=1`` always, ``0`` never.
 
 Both halves fail soft: without the prestart an actor starts a worker of its own and the hook
 imports the same modules there; if Ray's internals moved, the run starts its actors cold. Not
-done: multi-node clusters (actors may land on any
-node; only one machine's raylet is asked), and CUDA (a prestarted worker has no GPU assigned yet;
-the actor creates its CUDA context after Ray has set ``CUDA_VISIBLE_DEVICES``).
+done: multi-node clusters (actors may land on any node; only one machine's raylet is asked),
+and CUDA (a prestarted worker has no GPU assigned yet; the actor creates its CUDA context after
+Ray has set ``CUDA_VISIBLE_DEVICES``).
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ ACTOR_MODULES = ("ray.data", "torch", "detectflow.predictor", "detectflow.models
 KEEP_ALIVE_S = 600
 # Set by preload() in the worker: when it ran and for how long, for tests and benchmarks.
 PRELOADED_ENV = "DETECTFLOW_PRELOADED"
-
-
 # CPUs a run's own start-up keeps busy meanwhile: Prefect's flow engine and the first tasks, Ray.
 SPARE_CPUS = 2
 # Ray Data's three helper actors start early on nodes with at least this many CPUs.
@@ -73,11 +71,12 @@ def worth_prestarting(cpus: float, actors: int) -> bool:
     return mode() == "on" or (mode() == "auto" and cpus >= actors + SPARE_CPUS)
 
 
-def helpers_early(cpus: float) -> bool:
+def helpers_early(cpus: float, nodes: int = 1) -> bool:
     """Whether the warmed worker starts Ray Data's helper actors (``start_ray_data_helpers``)
-    on a node of ``cpus`` CPUs: three new processes, like the prestart only worth it with cores
-    to spare."""
-    return mode() == "on" or (mode() == "auto" and cpus >= HELPERS_MIN_CPUS)
+    on a one-node cluster of ``cpus`` CPUs: three new processes, like the prestart only worth
+    it with cores to spare. (Ray Data puts them on its driver's node; on a larger cluster the
+    warmed worker may be elsewhere.)"""
+    return nodes == 1 and (mode() == "on" or (mode() == "auto" and cpus >= HELPERS_MIN_CPUS))
 
 
 def start_ray_data_helpers() -> None:
@@ -211,4 +210,3 @@ def prestart_detectors(count: int, parent: dict[str, Any]) -> int:
         return 0
     log.debug("prestarted %d worker(s) for the inference actors", count)
     return count
-

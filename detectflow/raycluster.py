@@ -169,7 +169,7 @@ def _import(modules: tuple[str, ...], freeze: bool = True) -> None:
 def _import_later() -> None:
     try:
         _import(LATER_MODULES, freeze=False)  # the worker runs a task meanwhile
-        if prestart.helpers_early(ray.cluster_resources().get("CPU", 0)):
+        if prestart.helpers_early(ray.cluster_resources().get("CPU", 0), alive_nodes()):
             prestart.start_ray_data_helpers()
     except Exception:  # the task that needs it imports it again and reports the error
         log.debug("a background import failed", exc_info=True)

@@ -81,6 +81,7 @@ def test_the_flow_and_the_detect_task_decide_alike_from_the_plan(monkeypatch):
     assert prestart.applies(plan_resources(cfg, {"CPU": 16, "GPU": 1}))
     assert not prestart.applies(plan_resources(cfg, {"CPU": 32, "GPU": 2}, nodes=2))
     assert prestart.helpers_early(16) and not prestart.helpers_early(2)
+    assert not prestart.helpers_early(32, nodes=2)
     monkeypatch.setenv("DETECTFLOW_PRESTART", "0")
     assert not prestart.applies(plan_resources(cfg, {"CPU": 16, "GPU": 1}))
     assert not prestart.helpers_early(16)
