@@ -29,9 +29,12 @@ Ray has set ``CUDA_VISIBLE_DEVICES``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -104,10 +107,31 @@ def start_ray_data_helpers() -> None:
 
 def applies(plan: Any) -> bool:
     """Whether a run with this ``pipeline.ResourcePlan`` prestarts its actors' workers (and so
-    gives its actors the hook): one node, cores to spare. The flow, which prestarts, and the
-    detect task, which creates the actors, decide alike from the same plan."""
-    return enabled() and plan.nodes == 1 and worth_prestarting(plan.cluster_cpus,
-                                                                plan.num_actors)
+    gives its actors the hook): one node, cores to spare, and a hook a new worker can import.
+    The flow, which prestarts, and the detect task, which creates the actors, decide alike from
+    the same plan."""
+    return (enabled() and plan.nodes == 1
+            and worth_prestarting(plan.cluster_cpus, plan.num_actors) and hook_importable())
+
+
+@functools.cache
+def hook_importable(package: str = "detectflow") -> bool:
+    """Whether a new Ray worker here finds ``package`` before it has run anything.
+
+    Ray puts the driver's own search path (its directory: a checkout run without installing)
+    on a worker's ``sys.path`` only when the worker takes its first task, after the setup hook;
+    a hook that cannot be imported makes Ray stop the worker, so no actor could start (seen: a
+    run from a checkout with the package uninstalled). An installed package, ``PYTHONPATH`` and
+    Ray's ``py_modules`` are there from the start. Checked as such a worker starts: a fresh
+    interpreter with this process's environment, outside the current directory (~50 ms, once
+    per process).
+    """
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({package!r}) is None)"
+    try:
+        return subprocess.run([sys.executable, "-c", probe], cwd=os.path.abspath(os.sep),
+                              capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def preload() -> None:

@@ -87,6 +87,20 @@ def test_the_flow_and_the_detect_task_decide_alike_from_the_plan(monkeypatch):
     assert not prestart.helpers_early(16)
 
 
+def test_no_hook_where_a_new_worker_could_not_import_it(tmp_path, monkeypatch):
+    """A package found only through the driver's own directory (a checkout run without
+    installing) is not there yet when a new worker runs its setup hook; on PYTHONPATH it is."""
+    (tmp_path / "only_here_pkg").mkdir()
+    (tmp_path / "only_here_pkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("only_here_pkg")  # this process finds it, as the driver would
+    assert prestart.hook_importable("detectflow")  # installed for the tests
+    assert not prestart.hook_importable.__wrapped__("only_here_pkg")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert prestart.hook_importable.__wrapped__("only_here_pkg")
+
+
 def test_the_warmed_worker_starts_ray_datas_helper_actors():
     """Ray Data's three per-cluster actors exist before any dataset ran."""
     out = run_fresh("""
