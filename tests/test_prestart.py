@@ -146,6 +146,58 @@ def test_the_setup_hook_preloads_the_actor_modules_and_never_raises():
     assert started > 0 and took > 0
 
 
+def test_a_gpu_actor_lands_in_a_prestarted_worker_and_gets_its_device():
+    """A prestarted worker has no GPU yet: Ray assigns one (``CUDA_VISIBLE_DEVICES``) when the
+    actor starts there, before its ``__init__`` creates a CUDA context. (A GPU resource
+    declared on this CPU machine: Ray schedules and assigns it the same way.)"""
+    out = run_fresh("""
+        import json, os, time, ray
+        from benchmarks.measure import descendants
+        from detectflow import prestart
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False,
+                 runtime_env={"env_vars": {"A": "1"}})
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+        def idle():  # idle workers started with the actors' runtime env (the hook's variable)
+            found = []
+            for pid in descendants(raylet):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        title = f.read()
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        environ = f.read().split(b"\\0")
+                except OSError:
+                    continue
+                if title.startswith(b"ray::IDLE") and any(
+                        e.startswith(prestart.HOOK_ENV.encode() + b"=") for e in environ):
+                    found.append(pid)
+            return found
+
+        parent = prestart.current_runtime_env()
+        child = prestart.actor_runtime_env(parent)
+        prestart.prestart_workers(1, prestart.merged_runtime_env(parent, child))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not idle():
+            time.sleep(0.1)
+        prestarted = idle()
+
+        @ray.remote(num_gpus=1, num_cpus=1)
+        class OnGpu:
+            def where(self):
+                import sys
+                return (os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        "torch" in sys.modules)
+
+        pid, devices, torch_loaded = ray.get(OnGpu.options(runtime_env=child).remote()
+                                             .where.remote(), timeout=120)
+        print(json.dumps({"prestarted": prestarted, "pid": pid, "devices": devices,
+                          "torch": torch_loaded}))
+        ray.shutdown()
+        """, timeout=240, DETECTFLOW_PRESTART="1")
+    assert len(out["prestarted"]) == 1 and out["pid"] == out["prestarted"][0], out
+    assert out["devices"] == "0" and out["torch"], out
+
+
 def test_prestart_outside_ray_is_a_no_op():
     out = run_fresh("""
         import json
