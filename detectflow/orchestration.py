@@ -163,4 +163,5 @@ def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
     parent = prestart.current_runtime_env()  # the detect task's: the job's, plus task_options'
     if extra := task_runtime_env(env):
         parent = json.loads(prestart.merged_runtime_env(parent, extra))
-    return prestart.prestart_detectors(plan.num_actors, parent)
+    return prestart.prestart_detectors(
+        plan.num_actors, parent, prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold))

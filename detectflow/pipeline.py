@@ -335,9 +335,11 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         compute=plan.actor_pool(),
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
-        # Preloads torch and ray.data in the actors' workers, which the flow prestarted.
-        **({"runtime_env": env} if prestart.applies(plan)
-           and (env := prestart.actor_runtime_env(prestart.current_runtime_env())) else {}),
+        # Preloads torch, ray.data and the model in the actors' workers, which the flow
+        # prestarted (detectflow.prestart).
+        **({"runtime_env": env} if prestart.applies(plan) and (env := prestart.actor_runtime_env(
+            prestart.current_runtime_env(),
+            prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold))) else {}),
     )
     # Ray Data's progress bars are drawn for a terminal; from the Ray worker that runs the detect
     # task they reach the user as hundreds of lines of escape codes (373 lines for 96 images,

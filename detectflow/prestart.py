@@ -7,7 +7,8 @@ so all of that used to wait for the stages before it. Now:
 
 1. The Detector actors carry a runtime env whose worker setup hook (Ray's
    ``worker_process_setup_hook``, given as its environment variable so that it also works on an
-   actor rather than only a job) runs :func:`preload` in a new worker before it takes any work.
+   actor rather than only a job) runs :func:`preload` in a new worker before it takes any work:
+   the imports, then the run's model built on the CPU with its weights loaded.
 2. As soon as Ray is up, the run asks the local raylet to prestart as many workers as the pool
    has actors, with exactly that runtime env (the raylet's ``PrestartWorkers`` RPC, which Ray
    2.60 calls only from C++). The raylet gives an idle worker that has run nothing to the next
@@ -52,6 +53,9 @@ ACTOR_MODULES = ("ray.data", "torch", "detectflow.predictor", "detectflow.models
 KEEP_ALIVE_S = 600
 # Set by preload() in the worker: when it ran and for how long, for tests and benchmarks.
 PRELOADED_ENV = "DETECTFLOW_PRELOADED"
+# The run's model in the actors' runtime env (model, weights, score threshold, as JSON): the
+# hook builds it on the CPU and loads its weights, and the actor only moves it to its device.
+MODEL_ENV = "DETECTFLOW_PRELOAD_MODEL"
 # CPUs a run's own start-up keeps busy meanwhile: Prefect's flow engine and the first tasks, Ray.
 SPARE_CPUS = 2
 # Ray Data's three helper actors start early on nodes with at least this many CPUs.
@@ -134,9 +138,14 @@ def hook_importable(package: str = "detectflow") -> bool:
         return False
 
 
+_preloaded: dict[str, Any] = {}  # the model preload() built: {"key": ..., "model": ...}
+
+
 def preload() -> None:
-    """Ray's worker setup hook: import what an inference actor needs. Never raises, since a hook
-    that fails makes Ray stop the worker; the actor then imports (and reports) it itself."""
+    """Ray's worker setup hook: import what an inference actor needs and, when its runtime env
+    names the run's model (``MODEL_ENV``), build it on the CPU with its weights loaded, as
+    ``models.load_model`` does before moving it to the actor's device. Never raises, since a
+    hook that fails makes Ray stop the worker; the actor then does (and reports) it itself."""
     start = time.time()
     try:
         import importlib
@@ -148,17 +157,42 @@ def preload() -> None:
             for name in ACTOR_MODULES:
                 importlib.import_module(name)
             import_torchvision()
+            if spec := os.environ.get(MODEL_ENV):
+                from detectflow import models
+
+                wanted = json.loads(spec)
+                resolved = models.resolve_weights(wanted["model"], wanted["weights"],
+                                                  checksum=False)
+                _preloaded.update(key=spec, model=models.load_model(
+                    wanted["model"], resolved, wanted["score_threshold"], "cpu"))
     except Exception:  # noqa: BLE001
-        log.debug("preloading the inference actor's modules failed", exc_info=True)
+        log.debug("preloading the inference actor's modules or model failed", exc_info=True)
     os.environ[PRELOADED_ENV] = f"{start:.3f}:{time.time() - start:.3f}"
 
 
-def actor_runtime_env(parent: dict[str, Any]) -> dict[str, Any] | None:
-    """The runtime env the inference actors add to ``parent`` (their creator's), or None: when
-    turned off, or when ``parent`` already names a setup hook (the user's, which stays)."""
+def model_spec(model: str, weights: str | None, score_threshold: float) -> str:
+    """The run's model as ``MODEL_ENV`` holds it (one string: part of the runtime env's hash)."""
+    return json.dumps({"model": model, "weights": weights, "score_threshold": score_threshold},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def take_preloaded(model: str, weights: str | None, score_threshold: float) -> Any | None:
+    """The model preload() built in this worker if it is this one (on the CPU, in eval mode),
+    once; else None."""
+    if _preloaded.get("key") != model_spec(model, weights, score_threshold):
+        return None
+    net = _preloaded.pop("model")
+    _preloaded.clear()
+    return net
+
+
+def actor_runtime_env(parent: dict[str, Any], model: str | None = None) -> dict[str, Any] | None:
+    """The runtime env the inference actors add to ``parent`` (their creator's), with the run's
+    ``model`` (``model_spec``) for the hook to load, or None: when turned off, or when
+    ``parent`` already names a setup hook (the user's, which stays)."""
     if not enabled() or HOOK_ENV in (parent.get("env_vars") or {}):
         return None
-    return {"env_vars": {HOOK_ENV: HOOK}}
+    return {"env_vars": {HOOK_ENV: HOOK, **({MODEL_ENV: model} if model else {})}}
 
 
 def merged_runtime_env(parent: dict[str, Any], child: dict[str, Any]) -> str:
@@ -213,13 +247,13 @@ def current_runtime_env() -> dict[str, Any]:
 _asked: set[str] = set()  # jobs whose workers were prestarted already (once per job)
 
 
-def prestart_detectors(count: int, parent: dict[str, Any]) -> int:
-    """Prestart ``count`` workers for inference actors created by a process whose runtime env is
-    ``parent`` (the detect task's), once per Ray job; how many were asked for. Never raises:
-    this only saves time."""
+def prestart_detectors(count: int, parent: dict[str, Any], model: str | None = None) -> int:
+    """Prestart ``count`` workers for inference actors of ``model`` (``model_spec``) created by
+    a process whose runtime env is ``parent`` (the detect task's), once per Ray job; how many
+    were asked for. Never raises: this only saves time."""
     import ray
 
-    child = actor_runtime_env(parent)
+    child = actor_runtime_env(parent, model)
     if child is None or count < 1 or not ray.is_initialized():  # (its calls would start one)
         return 0
     try:

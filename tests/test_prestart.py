@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from fresh import run_fresh
 from ray_nodes import LocalCluster
@@ -198,6 +199,35 @@ def test_a_gpu_actor_lands_in_a_prestarted_worker_and_gets_its_device():
     assert out["devices"] == "0" and out["torch"], out
 
 
+def test_an_actor_takes_the_model_the_hook_loaded_and_detects_the_same(small_weights,
+                                                                         sample_dir):
+    """The hook builds the run's model on the CPU with its weights; the actor only moves it to
+    its device. Same boxes as an actor that loads it itself; another model is not taken."""
+    out = run_fresh(f"""
+        import json, os
+        import pyarrow as pa
+        from detectflow import prestart
+        from detectflow.predictor import Detector, decode_batch
+        weights = {str(small_weights)!r}
+        os.environ[prestart.MODEL_ENV] = prestart.model_spec({SMALL!r}, weights, 0.5)
+        prestart.preload()
+        uris = sorted(str(p) for p in __import__("pathlib").Path({str(sample_dir)!r}).glob("*.jpg"))
+        listing = pa.table({{"index": list(range(len(uris))), "image_uri": uris,
+                            "shard": [0] * len(uris)}})
+        decoded = decode_batch(listing, max_side=4096)
+        other = Detector({SMALL!r}, weights, 0.3, run_id="t")  # another threshold: not taken
+        warm = Detector({SMALL!r}, weights, 0.5, run_id="t")
+        cold = Detector({SMALL!r}, weights, 0.5, run_id="t")  # taken once only
+        rows = [d(decoded).select(["boxes", "scores", "labels"]).to_pylist()
+                for d in (warm, cold)]
+        print(json.dumps({{"preloaded": [d.model_preloaded for d in (other, warm, cold)],
+                          "same": rows[0] == rows[1],
+                          "boxes": sum(len(r["boxes"]) for r in rows[0])}}))
+        """, timeout=240)
+    assert out["preloaded"] == [False, True, False]
+    assert out["same"] and out["boxes"] > 0
+
+
 def test_prestart_outside_ray_is_a_no_op():
     out = run_fresh("""
         import json
@@ -232,7 +262,7 @@ def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool,
             "assert state.is_completed(), state")]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=ROOT)
-    actors: dict[int, bool] = {}  # inference actor's pid -> its worker has the preload hook
+    actors: dict[int, bool] = {}  # inference actor's pid -> its worker has the hook and model
     before_detect: set[int] = set()  # processes up when the detect task began
 
     def title(pid: int) -> str:
@@ -250,8 +280,9 @@ def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool,
                     if name.startswith("ray::MapWorker(MapBatches(Detector))") \
                             and pid not in actors:
                         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                        actors[pid] = any(e.startswith(prestart.HOOK_ENV.encode() + b"=")
-                                          for e in environ)
+                        actors[pid] = all(any(e.startswith(name.encode() + b"=")
+                                              for e in environ)
+                                          for name in (prestart.HOOK_ENV, prestart.MODEL_ENV))
                 except OSError:  # ended meanwhile
                     continue
             time.sleep(0.05)
@@ -267,7 +298,11 @@ def _run_cli_watching(tmp_path: Path, weights: Path, prestarted: bool,
     assert before_detect and actors, output[-3000:]
     return {"actors": [{"pid": pid, "hook": hook, "before_detect": pid in before_detect}
                        for pid, hook in actors.items()],
-            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))}
+            "files": sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")),
+            "detections": sorted(
+                (r["image_uri"], r["labels"], [round(x, 3) for x in r["scores"]])
+                for r in pq.read_table(out / "r" / "detections").select(
+                    ["image_uri", "labels", "scores"]).to_pylist())}
 
 
 @pytest.mark.timeout(900)
@@ -281,6 +316,7 @@ def test_inference_actors_start_in_workers_prestarted_before_the_detect_stage(
     off = _run_cli_watching(tmp_path / "off", small_weights, prestarted=False)
     assert off["actors"] and not any(a["before_detect"] or a["hook"] for a in off["actors"]), off
     assert on["files"] == off["files"] and on["files"]
+    assert on["detections"] == off["detections"]  # the hook's model finds the same boxes
 
 
 @pytest.mark.timeout(900)
