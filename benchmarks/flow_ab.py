@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.run import GPU_MODEL, SMALL_MODEL, parse_sets, pick_weights
+from benchmarks.run import GPU_MODEL, SMALL_MODEL, flow_flags, pick_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,20 +48,16 @@ def setting(text: str) -> tuple[str, str]:
     return name, value
 
 
-def summarize(runs: list[dict]) -> str:
-    def col(key: str) -> str:
-        values = [r[key] for r in runs]
+def format_table(label: dict[str, str], runs: dict[str, list[dict]]) -> str:
+    def cell(rows: list[dict], key: str) -> str:
+        values = [r[key] for r in rows]
         return f"{statistics.mean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
-    return f"{len(runs)} | {col('wall')} | {col('detect')} | {col('outside')}"
-
-
-def format_table(label: dict[str, str], runs: dict[str, list[dict]]) -> str:
     lines = ["| runs | setting | wall s | detect stage s | outside detect s |",
              "|---|---|---|---|---|"]
     for key in ("a", "b"):
-        count, *rest = summarize(runs[key]).split(" | ")
-        lines.append(" | ".join([f"| {count}", label[key], *rest]) + " |")
+        cells = [cell(runs[key], col) for col in ("wall", "detect", "outside")]
+        lines.append(" | ".join([f"| {len(runs[key])}", label[key], *cells]) + " |")
     pairs = list(zip(runs["a"], runs["b"]))
     for key in ("wall", "detect", "outside"):
         deltas = [b[key] - a[key] for a, b in pairs]
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or (GPU_MODEL if args.device == "cuda" else SMALL_MODEL)
     weights = pick_weights(model, args.weights, cache)
     images = make_images(args.n, cache / "images")
-    extra = [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(args.sets).items()]
+    extra = flow_flags(args.sets)
     label = {k: f"{n}={v}" if v else f"{n} unset" for k, (n, v) in settings.items()}
     print(f"flow_ab: {args.n} images, model {model}, device {args.device}, "
           f"{os.cpu_count()} CPUs; A: {label['a']}, B: {label['b']}", flush=True)

@@ -84,6 +84,11 @@ def parse_sets(sets: list[str]) -> dict[str, object]:
     return out
 
 
+def flow_flags(sets: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` items as ``detectflow run`` options, for the whole-flow rows."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(sets).items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -176,7 +181,7 @@ def measure_round(args, images: Path, model: str, weights: str | None, ours: dic
             bracket_bounds(bounds, bound_rows, measured, notes)
         if (default_bound := bound_rows.get(model_setting(ours, args.device))) is not None:
             limit_rate = default_bound.limit
-        extra = [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(args.sets).items()]
+        extra = flow_flags(args.sets)
         flow_args = (images, model, weights, args.score_threshold, args.device, extra)
         if "flow" not in skip:
             flow = attempt(notes, "whole flow", run_flow, work / "flow", cache / "flow-last.log",

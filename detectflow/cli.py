@@ -133,10 +133,6 @@ def run(args: argparse.Namespace) -> int:
             connected = raycluster.connect(cfg.ray_address,
                                            raycluster.worker_env(api_url, cfg.s3_endpoint_url))
             detect_objects, settings = flow.result()
-            if connected is not None:  # the flow would too, a second later (detectflow.prestart)
-                from detectflow.orchestration import prestart_detectors
-
-                prestart_detectors(cfg, raycluster.worker_env(api_url, cfg.s3_endpoint_url))
             if settings is not None:
                 server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         flow_params = {k: v for k, v in cfg.model_dump().items()

@@ -8,7 +8,6 @@ its task runs. We hand the flow's own API URL to every Ray worker through ``runt
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
-from detectflow import raycluster
+from detectflow import prestart, raycluster
 from detectflow.errors import is_retryable
 from detectflow.raycluster import alive_nodes, code_runtime_env, existing_cluster_address
 
@@ -149,7 +148,6 @@ def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
     any node), cores to spare. A plan the cluster cannot run prestarts nothing; the detect task
     reports it.
     """
-    from detectflow import prestart
     from detectflow.pipeline import plan_resources
 
     if not prestart.enabled():
@@ -162,6 +160,6 @@ def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
         return 0
     parent = prestart.current_runtime_env()  # the detect task's: the job's, plus task_options'
     if extra := task_runtime_env(env):
-        parent = json.loads(prestart.merged_runtime_env(parent, extra))
+        parent = prestart.merged(parent, extra)
     return prestart.prestart_detectors(
         plan.num_actors, parent, prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold))

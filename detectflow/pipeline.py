@@ -315,6 +315,11 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         # deprecates the remote-args function that used to serve as this barrier.
         max_calls=0,
     )
+    # Preloads torch, ray.data and the model in the actors' workers, which the flow prestarted.
+    actor_env = prestart.actor_runtime_env(
+        prestart.current_runtime_env(),
+        prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold),
+    ) if prestart.applies(plan) else None
     ds = ds.map_batches(
         Detector,
         fn_constructor_kwargs={
@@ -335,11 +340,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         compute=plan.actor_pool(),
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
-        # Preloads torch, ray.data and the model in the actors' workers, which the flow
-        # prestarted (detectflow.prestart).
-        **({"runtime_env": env} if prestart.applies(plan) and (env := prestart.actor_runtime_env(
-            prestart.current_runtime_env(),
-            prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold))) else {}),
+        **({"runtime_env": actor_env} if actor_env else {}),
     )
     # Ray Data's progress bars are drawn for a terminal; from the Ray worker that runs the detect
     # task they reach the user as hundreds of lines of escape codes (373 lines for 96 images,

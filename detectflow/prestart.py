@@ -9,11 +9,12 @@ so all of that used to wait for the stages before it. Now:
    ``worker_process_setup_hook``, given as its environment variable so that it also works on an
    actor rather than only a job) runs :func:`preload` in a new worker before it takes any work:
    the imports, then the run's model built on the CPU with its weights loaded.
-2. As soon as Ray is up, the run asks the local raylet to prestart as many workers as the pool
-   has actors, with exactly that runtime env (the raylet's ``PrestartWorkers`` RPC, which Ray
-   2.60 calls only from C++). The raylet gives an idle worker that has run nothing to the next
-   actor whose runtime env hashes the same, so the actors land in workers that did their
-   imports while ``list_images`` ran (tests/test_prestart.py checks the process ids).
+2. As soon as Ray is up (the flow, right after connecting), the run asks the local raylet to
+   prestart as many workers as the pool has actors, with exactly that runtime env (the
+   raylet's ``PrestartWorkers`` RPC, which Ray 2.60 calls only from C++). The raylet gives an
+   idle worker that has run nothing to the next actor whose runtime env hashes the same, so
+   the actors land in workers that did their imports while ``list_images`` ran
+   (tests/test_prestart.py checks the process ids).
 
 The prestart only moves CPU work earlier, so it pays only where the start-up leaves cores idle:
 measured on 2 cores with 2 CPU actors (benchmarks/RESULTS.md), the detect stage took 2.16 s less
@@ -73,9 +74,15 @@ def enabled() -> bool:
     return mode() != "off"
 
 
+def _wanted(cpus: float, needed: float) -> bool:
+    """On, or ``auto`` on a node of at least ``needed`` CPUs."""
+    setting = mode()
+    return setting == "on" or (setting == "auto" and cpus >= needed)
+
+
 def worth_prestarting(cpus: float, actors: int) -> bool:
     """Whether ``actors`` workers' imports would run on cores the start-up leaves idle."""
-    return mode() == "on" or (mode() == "auto" and cpus >= actors + SPARE_CPUS)
+    return _wanted(cpus, actors + SPARE_CPUS)
 
 
 def helpers_early(cpus: float, nodes: int = 1) -> bool:
@@ -83,7 +90,7 @@ def helpers_early(cpus: float, nodes: int = 1) -> bool:
     on a one-node cluster of ``cpus`` CPUs: three new processes, like the prestart only worth
     it with cores to spare. (Ray Data puts them on its driver's node; on a larger cluster the
     warmed worker may be elsewhere.)"""
-    return nodes == 1 and (mode() == "on" or (mode() == "auto" and cpus >= HELPERS_MIN_CPUS))
+    return nodes == 1 and _wanted(cpus, HELPERS_MIN_CPUS)
 
 
 def start_ray_data_helpers() -> None:
@@ -181,7 +188,7 @@ def take_preloaded(model: str, weights: str | None, score_threshold: float) -> A
     once; else None."""
     if _preloaded.get("key") != model_spec(model, weights, score_threshold):
         return None
-    net = _preloaded.pop("model")
+    net = _preloaded["model"]
     _preloaded.clear()
     return net
 
@@ -195,15 +202,20 @@ def actor_runtime_env(parent: dict[str, Any], model: str | None = None) -> dict[
     return {"env_vars": {HOOK_ENV: HOOK, **({MODEL_ENV: model} if model else {})}}
 
 
-def merged_runtime_env(parent: dict[str, Any], child: dict[str, Any]) -> str:
-    """The serialized runtime env Ray gives a task or actor created with ``child`` by a process
-    whose own is ``parent``, as Ray's core worker merges them (env vars merged, the child's
-    other fields replacing the parent's) and writes them (compact JSON, keys sorted). The raylet
-    matches idle workers to an actor by a hash of exactly this string."""
-    merged = {**parent, **child}
+def merged(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The runtime env Ray gives a task or actor created with ``child`` by a process whose own
+    is ``parent``, merged as Ray's core worker merges them: env vars merged, the child's other
+    fields replacing the parent's."""
+    env = {**parent, **child}
     if "env_vars" in parent or "env_vars" in child:
-        merged["env_vars"] = {**(parent.get("env_vars") or {}), **(child.get("env_vars") or {})}
-    return json.dumps(merged, separators=(",", ":"), sort_keys=True)
+        env["env_vars"] = {**(parent.get("env_vars") or {}), **(child.get("env_vars") or {})}
+    return env
+
+
+def merged_runtime_env(parent: dict[str, Any], child: dict[str, Any]) -> str:
+    """``merged`` written as Ray's core worker writes it (compact JSON, keys sorted): the raylet
+    matches idle workers to an actor by a hash of exactly this string."""
+    return json.dumps(merged(parent, child), separators=(",", ":"), sort_keys=True)
 
 
 def prestart_workers(count: int, serialized_runtime_env: str,
@@ -244,23 +256,16 @@ def current_runtime_env() -> dict[str, Any]:
     return json.loads(ray.get_runtime_context().get_runtime_env_string() or "{}")
 
 
-_asked: set[str] = set()  # jobs whose workers were prestarted already (once per job)
-
-
 def prestart_detectors(count: int, parent: dict[str, Any], model: str | None = None) -> int:
     """Prestart ``count`` workers for inference actors of ``model`` (``model_spec``) created by
-    a process whose runtime env is ``parent`` (the detect task's), once per Ray job; how many
-    were asked for. Never raises: this only saves time."""
+    a process whose runtime env is ``parent`` (the detect task's); how many were asked for.
+    Never raises: this only saves time."""
     import ray
 
     child = actor_runtime_env(parent, model)
     if child is None or count < 1 or not ray.is_initialized():  # (its calls would start one)
         return 0
     try:
-        job = ray.get_runtime_context().get_job_id()
-        if job in _asked:
-            return 0
-        _asked.add(job)
         prestart_workers(count, merged_runtime_env(parent, child))
     except Exception as exc:  # noqa: BLE001 - Ray's internals moved: the actors start cold
         log.info("could not prestart the inference actors' workers (%s); they start cold",
