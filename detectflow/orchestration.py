@@ -158,8 +158,7 @@ def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
         return 0
     if not prestart.applies(plan):
         return 0
-    parent = prestart.current_runtime_env()  # the detect task's: the job's, plus task_options'
-    if extra := task_runtime_env(env):
-        parent = prestart.merged(parent, extra)
+    # The detect task's runtime env: the job's, plus what task_options adds.
+    parent = prestart.merged(prestart.current_runtime_env(), task_runtime_env(env) or {})
     return prestart.prestart_detectors(
         plan.num_actors, parent, prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold))
