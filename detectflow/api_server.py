@@ -22,9 +22,14 @@ import urllib.request
 from detectflow.api_app import LIFELINE_ENV
 from detectflow.errors import DetectflowError
 
-# Prefect's ephemeral server: no UI, the services of an ephemeral server only.
+# Prefect's ephemeral server: no UI, the services of an ephemeral server only. No block type
+# registration: a run uses no blocks, and on a fresh PREFECT_HOME (a new container) it took
+# ~1 s of the server's ~10.7 s start on 2 cores (benchmarks/RESULTS.md). Its memo off too, or
+# Prefect would record the registration as done, and a later `prefect server start` on the same
+# database would skip it.
 _EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                  "PREFECT__SERVER_FINAL": "1"}
+                  "PREFECT__SERVER_FINAL": "1", "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "0",
+                  "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "0"}
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

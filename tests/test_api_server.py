@@ -45,6 +45,41 @@ def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkey
         socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
 
 
+def test_registers_no_block_types_and_leaves_prefects_own_server_to_do_it(tmp_path, monkeypatch):
+    """A run uses no blocks, so its server skips their registration (~2 s on a fresh database).
+    It must not record the registration as done either: Prefect's own server, started later on
+    the same database, still registers them."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    server = TemporaryApiServer()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.wait(120)}), \
+                get_client(sync_client=True) as client:
+            assert client.read_block_types() == []
+    finally:
+        server.stop()
+    assert not (tmp_path / "memo_store.toml").exists()
+
+    with listening_socket() as sock:
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0"}
+        for name in ("PREFECT_SERVER_REGISTER_BLOCKS_ON_START",
+                     "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION"):
+            env.pop(name, None)
+        prefects = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+             "--fd", str(sock.fileno()), "--log-level", "error", "--lifespan", "on"],
+            env=env, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    try:
+        # Clients wait in the listening socket's backlog until the server answers.
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            slugs = {block_type.slug for block_type in client.read_block_types()}
+        assert {"local-file-system", "secret"} <= slugs
+        assert (tmp_path / "memo_store.toml").exists()
+    finally:
+        prefects.terminate()
+        prefects.wait(timeout=30)
+
+
 def test_connections_it_accepts_send_small_responses_at_once():
     """uvicorn treats a ``--fd`` socket as a Unix socket and never sets ``TCP_NODELAY`` on its
     connections; without it every response waited for a delayed ACK (44 ms instead of 1 ms per
