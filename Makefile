@@ -10,22 +10,36 @@ MODEL   ?= fasterrcnn_resnet50_fpn_v2
 WEIGHTS ?=
 ARGS    ?=
 
-.PHONY: run test lint install install-dev test-weights clean bench deploy worker serve
+.PHONY: run test lint lock install install-dev test-weights clean bench deploy worker serve
+
+# Everything comes from requirements.lock (every transitive dependency, hash-checked), so a new
+# upstream release changes nothing here until `make lock` is run on purpose. pyproject.toml keeps
+# the compatible ranges for those who install detectflow as a library.
+LOCK = requirements.lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# The project itself is installed last, without dependencies or a build environment of its own,
+# so nothing outside the lock is fetched; `sync` removes what the lock no longer lists.
+$(VENV)/.locked: $(LOCK) pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/lockcheck.py sync $(LOCK)
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(VENV)/.installed $@
+install: $(VENV)/.locked
+install-dev: install
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+# Refresh the lock (newest versions within pyproject.toml's ranges, for Linux x86_64 and
+# Python 3.11), install it and run the whole suite on it; commit the lock only when that passes.
+LOCK_ARGS ?= --upgrade
+lock: install
+	printf 'pip\nsetuptools>=77\n' | $(BIN)/uv pip compile pyproject.toml --extra dev - \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+		--quiet --custom-compile-command 'make lock' $(LOCK_ARGS) -o $(LOCK)
+	$(MAKE) test
+	git diff --stat -- $(LOCK)
 
 run: install
 	$(BIN)/detectflow run --input $(INPUT) --output $(OUTPUT) --model $(MODEL) \
@@ -45,10 +59,11 @@ worker: install
 serve: install
 	$(BIN)/python deployments/serve.py
 
-lint: install-dev
+lint: install
 	$(BIN)/ruff check .
 
-test: install-dev
+test: install
+	$(BIN)/python tools/lockcheck.py check $(LOCK)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -61,7 +76,7 @@ test-weights: install
 # Throughput against Ray's reference recipe and the bare model (benchmarks/RESULTS.md); never
 # part of `make test`. BENCH_ARGS e.g. "--n 48 --scale" or "--device cuda".
 BENCH_ARGS ?=
-bench: install-dev
+bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
