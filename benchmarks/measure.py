@@ -1,10 +1,9 @@
 """Memory and object-store measurements taken while a pipeline runs.
 
 The sampler must not slow what it measures on two cores. RSS comes from ``statm`` (the kernel's
-counters: 0.5 ms for a 14-process Ray tree) at every sample; PSS needs ``smaps_rollup``, a walk
-of each process's page tables: 115 ms of CPU for the same tree, measured, which at one sample per
-2 s took 3% of this 2-core machine from the pipeline it measured (py-spy: the benchmark driver's
-biggest cost). So PSS is taken while RSS grows, every 10 s once it is flat, and at the end.
+counters, cheap) at every sample; PSS needs ``smaps_rollup``, a walk of each process's page
+tables, which at every sample took CPU from the pipeline it measured (benchmarks/RESULTS.md,
+"Method"). So PSS is taken while RSS grows, every 10 s once it is flat, and at the end.
 
 Peak memory is sampled in a thread over a process tree (the driver, or a child process, with
 every descendant: Ray's raylet, its workers and actors, Prefect's server). Two sums are kept:

@@ -2,13 +2,16 @@
 long-lived services) vs the bare model's limit.
 
 All runs use the same N images, model and weights, in one process run (one after another, so
-they never share the CPUs). Prints one table; ``--markdown PATH`` also writes it as markdown.
+they never share the CPUs). Prints one table and writes it, with its notes and the targets'
+verdicts, as markdown under ``output/bench/results/`` (``--markdown PATH`` elsewhere): raw
+results stay out of the repository; benchmarks/RESULTS.md keeps the current table and method.
 ``--scale`` adds the detect stage on 10xN images (time should grow 10x, memory stay flat).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import platform
 import shutil
@@ -49,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure everything K times in rounds (each round's ratios against its "
                         "own reference and bound); then medians with their ranges")
     p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
-    p.add_argument("--markdown", default=None, help="also write the table here (markdown)")
+    p.add_argument("--markdown", default=None,
+                   help="write the table here (markdown; default: "
+                        "CACHE_DIR/results/<UTC time>-<device>-n<N>.md)")
     return p.parse_args(argv)
 
 
@@ -85,8 +90,16 @@ def parse_sets(sets: list[str]) -> dict[str, object]:
 
 
 def flow_flags(sets: list[str]) -> list[str]:
-    """``--set KEY=VALUE`` items as ``detectflow run`` options, for the whole-flow rows."""
-    return [f"--{k.replace('_', '-')}={v}" for k, v in parse_sets(sets).items()]
+    """``--set KEY=VALUE`` items as ``detectflow run`` options, for the whole-flow rows; a
+    boolean as its flag (``--gpu-decode``, ``--no-channels-last``), which takes no value."""
+    flags = []
+    for key, value in parse_sets(sets).items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.append(f"--{name}={value}")
+    return flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{title}\n\n{format_summary(summaries)}", flush=True)
         markdown.append(f"{title}:\n\n{format_summary(summaries, markdown=True)}")
     print("\n" + verdicts, flush=True)
-    if args.markdown:
-        Path(args.markdown).write_text("\n\n".join(markdown) + f"\n\n```\n{verdicts}\n```\n")
+    path = Path(args.markdown) if args.markdown else default_results_path(cache, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(markdown) + f"\n\n```\n{verdicts}\n```\n")
+    print(f"bench: results written to {path}", flush=True)
     return 0
+
+
+def default_results_path(cache: Path, args: argparse.Namespace) -> Path:
+    """Where a run's raw results go unless ``--markdown`` says: under the cache, never in git."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H%M%SZ")
+    return cache / "results" / f"{stamp}-{args.device}-n{args.n}.md"
 
 
 def measure_round(args, images: Path, model: str, weights: str | None, ours: dict, cache: Path,
@@ -390,9 +411,9 @@ def run_on_ray(args, images: Path, work: Path, model: str, weights: str | None, 
 
 
 # The levers measured against the defaults (batch 16 per GPU actor, 2 CUDA streams, fp32, CPU
-# decode) on a GPU. Batch 4 and 8, fp16 alone, GPU decode alone, 2 actors per GPU and cuDNN's
-# benchmark mode were measured on an H100/H200 and are in benchmarks/RESULTS.md (--variant
-# measures any again).
+# decode) on a GPU. Those already settled (batch 4 and 8, fp16 alone, GPU decode alone, 2 actors
+# per GPU, cuDNN's benchmark mode) are in benchmarks/RESULTS.md, "Lever log"; --variant
+# measures any again.
 GPU_LEVERS = (
     "1 stream:gpu_streams=1",
     "3 streams:gpu_streams=3",
@@ -401,8 +422,8 @@ GPU_LEVERS = (
     "fp16 + gpu decode, channels-last:precision=fp16,gpu_decode=true,channels_last=true",
     "fp16 + gpu decode, channels-last, 3 streams:"
     "precision=fp16,gpu_decode=true,channels_last=true,gpu_streams=3",
-    # Not yet measured on a GPU (no device since it was built): batch norms are 17% of the
-    # default model's GPU time in the profile of the bare model.
+    # Not yet measured on a GPU: batch norms take a sixth of the default model's GPU time
+    # (benchmarks/RESULTS.md, "Open on a GPU").
     "fp16 + gpu decode, channels-last, 3 streams, folded BN:"
     "precision=fp16,gpu_decode=true,channels_last=true,gpu_streams=3,fold_batchnorm=true",
 )

@@ -69,10 +69,9 @@ def long_lived_services(cpus: int, gpus: int, log_dir: Path) -> Iterator[dict]:
         cluster.start(dict(os.environ))
         try:
             yield {
-                "args": ["--ray-address", cluster.address],
                 # Deployments run on nodes whose environment holds detectflow: no code shipped.
-                "env": {"PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "token",
-                        "DETECTFLOW_SHIP_CODE": "0"},
+                "args": ["--ray-address", cluster.address, "--no-ship-code"],
+                "env": {"PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "token"},
                 "pids": [server_pid] + [p.pid for p in cluster.procs],
             }
         finally:

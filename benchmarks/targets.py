@@ -1,4 +1,5 @@
-"""Pure: the table's numbers → issue 7's targets, each with its value and whether it is met.
+"""Pure: the table's numbers → the performance targets (benchmarks/RESULTS.md, "Targets"),
+each with its value and whether it is met.
 
 Judged on the medians over the rounds (one round: its own numbers), so a claim in RESULTS.md is
 what ``make bench`` printed, not a reading of the table by hand.
@@ -83,4 +84,4 @@ def check(summaries: list[Summary], device: str) -> list[Verdict]:
 
 def format_verdicts(verdicts: list[Verdict], device: str, rounds: int) -> str:
     basis = f"medians over {rounds} rounds" if rounds > 1 else "one round"
-    return "\n".join([f"targets (issue 7, {device}; {basis}):"] + [v.line() for v in verdicts])
+    return "\n".join([f"targets ({device}; {basis}):"] + [v.line() for v in verdicts])

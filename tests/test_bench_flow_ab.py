@@ -1,8 +1,8 @@
-"""benchmarks.flow_ab's arithmetic: the means, ranges and pair counts its table reports."""
+"""benchmarks.probes.flow_ab's arithmetic: the means, ranges and pair counts its table reports."""
 
 import pytest
 
-from benchmarks.flow_ab import format_table, setting
+from benchmarks.probes.flow_ab import format_table, setting
 
 
 def test_table_gives_means_ranges_and_pairs_where_b_was_quicker():
@@ -19,7 +19,7 @@ def test_table_gives_means_ranges_and_pairs_where_b_was_quicker():
 
 
 def test_a_setting_is_name_equals_value_and_may_be_empty():
-    assert setting("DETECTFLOW_PRESTART=0") == ("DETECTFLOW_PRESTART", "0")
-    assert setting("DETECTFLOW_PRESTART=") == ("DETECTFLOW_PRESTART", "")
+    assert setting("PREFECT_LOGGING_LEVEL=WARNING") == ("PREFECT_LOGGING_LEVEL", "WARNING")
+    assert setting("ray_dashboard=") == ("ray_dashboard", "")
     with pytest.raises(SystemExit):
-        setting("DETECTFLOW_PRESTART")
+        setting("PREFECT_LOGGING_LEVEL")

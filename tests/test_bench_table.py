@@ -182,3 +182,18 @@ def test_a_bound_whose_sweep_picked_another_layout_is_one_row_over_the_rounds():
     (summary,) = summarize([bound("batch 4", 14.0), bound("batch 1", 13.0)])
     assert summary.pipeline == "limit (bare model, fp32)" and summary.values["steady"] == [14.0,
                                                                                           13.0]
+
+
+def test_set_values_become_options_that_detectflow_run_accepts():
+    """The whole-flow rows pass ``--set`` as ``detectflow run`` options: a boolean as its flag,
+    since ``--channels-last=True`` is refused."""
+    from benchmarks.run import flow_flags
+    from detectflow.cli import build_parser
+
+    flags = flow_flags(["batch_size=8", "precision=fp16", "gpu_decode=true",
+                        "channels_last=true", "fold_batchnorm=false"])
+    assert flags == ["--batch-size=8", "--precision=fp16", "--gpu-decode", "--channels-last",
+                     "--no-fold-batchnorm"]
+    args = build_parser().parse_args(["run", *flags])
+    assert (args.batch_size, args.precision, args.gpu_decode, args.channels_last,
+            args.fold_batchnorm) == (8, "fp16", True, True, False)

@@ -1,7 +1,7 @@
 """The GPU check script runs its steps as the device call will, here on the CPU.
 
 A lent GPU gives a session 15 minutes; a script that first fails there wastes them. This runs
-``benchmarks/device/gpu_check.sh`` for real (the actor-start step, the small model, this CPU)
+``benchmarks/probes/gpu_check.sh`` for real (the actor-start step, the small model, this CPU)
 and checks what it leaves in its output folder, and that a wrong step fails at once.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "device" / "gpu_check.sh"
+SCRIPT = ROOT / "benchmarks" / "probes" / "gpu_check.sh"
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 

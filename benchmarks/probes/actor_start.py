@@ -1,12 +1,12 @@
 """Where an inference actor's start goes, step by step, in a fresh process.
 
-On a GPU the detect stage's first ~10 s pass with the GPU idle (``nvidia-smi dmon``, RESULTS.md):
+On a GPU the detect stage's first seconds pass with the GPU idle (benchmarks/RESULTS.md, "GPU"):
 the actor's process imports torch, makes its CUDA context, builds the model, loads the weights
 and runs its first batches. This times each of those steps as ``Detector.__init__`` and its
 first calls do them, so a lever can aim at the largest. ``--plain-torchvision`` times upstream's
 import (with TorchDynamo) instead of the actors' own.
 
-    python -m benchmarks.actor_start --device cuda [--weights W.pth] [--images DIR]
+    python -m benchmarks.probes.actor_start --device cuda [--weights W.pth] [--images DIR]
 
 Without ``--weights`` / ``--images`` it takes the benchmark's (``make bench``'s cache, made here
 when missing), so it also runs first on a fresh machine.
@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.weights is None or args.images is None:
         # In a child process: this one must import torch first, inside the timing.
-        made = subprocess.run([sys.executable, "-m", "benchmarks.actor_start", "--inputs-for",
-                               args.model], check=True, capture_output=True, text=True)
+        made = subprocess.run([sys.executable, "-m", "benchmarks.probes.actor_start",
+                               "--inputs-for", args.model],
+                              check=True, capture_output=True, text=True)
         weights, images = made.stdout.splitlines()[-2:]
         args.weights, args.images = args.weights or weights, args.images or images
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
         mark("import torchvision (plain: loads TorchDynamo)")
     else:
-        from detectflow.torchvision_import import import_torchvision
+        from detectflow.workarounds.torchvision_import import import_torchvision
 
         import_torchvision()
         mark("import torchvision (TorchDynamo deferred, as actors do)")

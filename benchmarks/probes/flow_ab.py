@@ -1,12 +1,17 @@
-"""Whole-flow A/B: ``detectflow run`` alternating between two settings of one environment variable.
+"""Whole-flow A/B: ``detectflow run`` alternating between two settings.
 
 A start-up lever moves a run by a second or two, while a shared VM's speed drifts by more than
 that within an hour, so runs an hour apart cannot show it. Here each pair runs both settings back
 to back, in alternating order, on the same images, and the table gives the means, their ranges
-and in how many pairs B was quicker.
+and in how many pairs B was quicker (method: benchmarks/RESULTS.md, "Method").
 
-    python -m benchmarks.flow_ab DETECTFLOW_PRESTART=0 DETECTFLOW_PRESTART=1 --pairs 4
-    python -m benchmarks.flow_ab A B --device cuda --n 1600 --set precision=fp16 ...
+A setting is ``NAME=VALUE``: a lower-case NAME is a RunConfig field, given to ``detectflow run``
+as its option; an upper-case one an environment variable of the run (Ray's, Prefect's). An
+empty VALUE leaves it unset (the default).
+
+    python -m benchmarks.probes.flow_ab ray_dashboard=false ray_dashboard=true --pairs 4
+    python -m benchmarks.probes.flow_ab PREFECT_LOGGING_LEVEL= PREFECT_LOGGING_LEVEL=WARNING
+    python -m benchmarks.probes.flow_ab A B --device cuda --n 1600 --set precision=fp16 ...
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ from pathlib import Path
 
 from benchmarks.run import GPU_MODEL, SMALL_MODEL, flow_flags, pick_weights
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.flow_ab", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probes.flow_ab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="NAME=VALUE for the A runs (VALUE may be empty: unset)")
     p.add_argument("b", help="NAME=VALUE for the B runs")
@@ -77,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or (GPU_MODEL if args.device == "cuda" else SMALL_MODEL)
     weights = pick_weights(model, args.weights, cache)
     images = make_images(args.n, cache / "images")
-    extra = flow_flags(args.sets)
     label = {k: f"{n}={v}" if v else f"{n} unset" for k, (n, v) in settings.items()}
     print(f"flow_ab: {args.n} images, model {model}, device {args.device}, "
           f"{os.cpu_count()} CPUs; A: {label['a']}, B: {label['b']}", flush=True)
@@ -85,16 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(args.pairs):
         for key in ("a", "b") if k % 2 == 0 else ("b", "a"):
             name, value = settings[key]
+            option = name.islower()  # a RunConfig field, else an environment variable
+            extra = flow_flags(args.sets + ([f"{name}={value}"] if option and value else []))
             # The child's environment: ours with the setting applied (an empty value unsets).
-            saved = os.environ.pop(name, None)
-            if value:
+            saved = None if option else os.environ.pop(name, None)
+            if value and not option:
                 os.environ[name] = value
             work = Path(tempfile.mkdtemp(prefix="flow-ab-", dir=cache))
             try:
                 result = run_whole_flow(images, work, model, weights, args.score_threshold,
                                         args.device, extra, log=work / "flow.log")
             finally:
-                os.environ.pop(name, None)
+                if not option:
+                    os.environ.pop(name, None)
                 if saved is not None:
                     os.environ[name] = saved
                 shutil.rmtree(work, ignore_errors=True)

@@ -1,28 +1,26 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 7 as one device call: unpack the bundle, then run the steps named
-# (default: the ones still owed), each under its own time limit, every log into $OUT.
+# The GPU measurements as one device call: unpack the bundle, then run the steps named (default:
+# the ones still owed, benchmarks/RESULTS.md "Open on a GPU"), each under its own time limit,
+# every log into $OUT.
 #
-# Why one script: a lent machine gives a session 15 minutes of device time, its start included,
-# and one command at most 10. Prepared and checked here (`bash benchmarks/device/gpu_check.sh
+# Why one script: a lent GPU machine gives a session minutes of device time, its start included,
+# and one command at most 10. Prepared and checked here (`bash benchmarks/probes/gpu_check.sh
 # --dry-run` prints the plan; `DEVICE=cpu MODEL=fasterrcnn_mobilenet_v3_large_320_fpn` runs the
-# same steps on a CPU with the small model), it spends that time on
-# measuring. Build the bundle first with `bash benchmarks/device/make_bundle.sh`, then call the
-# device tool with carry [".devbundle"] and, e.g., timeout_s 590:
+# same steps on a CPU with the small model, as tests/test_device_kit.py does), it spends that
+# time on measuring. Build the bundle first with `bash benchmarks/probes/make_bundle.sh`, then
+# call the device tool with carry [".devbundle"] and, e.g., timeout_s 590:
 #
-#   bash benchmarks/device/gpu_check.sh                 # the owed steps: imports, bare, fold4800
-#   bash benchmarks/device/gpu_check.sh bare start      # named steps only
+#   bash benchmarks/probes/gpu_check.sh                 # the owed steps: imports, bare, fold4800
+#   bash benchmarks/probes/gpu_check.sh bare start      # named steps only
 #
 # Steps (seconds each is allowed; the defaults sum to under 10 minutes with the unpack):
-#   imports   which modules an actor's ~5 s of imports on the GPU host go to              30 s
+#   imports   which modules an inference actor's imports go to (probes.import_times)   30 s
 #   bare      the bare model under fp32 / fp16 with and without folded batch norms, with box
 #             agreement and a profile (benchmarks.gpu_levers)                          120 s
 #   fold4800  the recipe, then ours with the fp16 levers: as measured before, with folded batch
 #             norms, and with folded batch norms and 4 streams; 4800 images              400 s
-#   start     an inference actor's start, step by step (benchmarks.actor_start)         60 s
+#   start     an inference actor's start, step by step (probes.actor_start)             60 s
 #   full1600  every row of the benchmark at 1600 images, bound and whole flow included  420 s
-#   prestart  the whole flow with the fp16 levers, 1600 images, inference actors cold against
-#             prestarted (detectflow/prestart.py; on by default on such a host), two pairs
-#             alternating (benchmarks.flow_ab)                                         240 s
 set -uo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -38,19 +36,18 @@ done
 [[ ${#steps[@]} -gt 0 ]] || steps=(imports bare fold4800)
 
 FP16="--set precision=fp16 --set gpu_decode=true --set channels_last=true --set gpu_streams=3"
-declare -A LIMIT=([imports]=30 [bare]=120 [fold4800]=400 [start]=60 [full1600]=420 [prestart]=240)
+declare -A LIMIT=([imports]=30 [bare]=120 [fold4800]=400 [start]=60 [full1600]=420)
 declare -A CMD=(
-    [imports]="-m benchmarks.import_times"
+    [imports]="-m benchmarks.probes.import_times"
     [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
     [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --variant 'folded BN, 4 streams:fold_batchnorm=true,gpu_streams=4'"
-    [start]="-m benchmarks.actor_start --device $DEVICE $MODEL_ARG"
+    [start]="-m benchmarks.probes.actor_start --device $DEVICE $MODEL_ARG"
     [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600"
-    [prestart]="-m benchmarks.flow_ab DETECTFLOW_PRESTART=0 DETECTFLOW_PRESTART= --pairs 2 --device $DEVICE $MODEL_ARG --n 1600 $FP16"
 )
 for s in "${steps[@]}"; do
     limit=LIMIT_$s  # e.g. LIMIT_fold4800=300 overrides a step's limit
     [[ -z ${!limit:-} ]] || LIMIT[$s]=${!limit}
-    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (imports, bare, fold4800, start, full1600, prestart)" >&2; exit 2; }
+    [[ -n ${CMD[$s]:-} ]] || { echo "gpu_check: unknown step '$s' (imports, bare, fold4800, start, full1600)" >&2; exit 2; }
 done
 
 if [[ $DRY == 1 ]]; then

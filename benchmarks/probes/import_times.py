@@ -1,12 +1,11 @@
 """Where an inference actor's imports go, in a fresh interpreter: the modules that cost most.
 
-An actor imports ``ray.data`` (Ray Data's actor class, with pandas) and then torch and
-torchvision before its model exists; on the H200's host that was ~5 s of the ~9 s before the
-GPU's first batch (RESULTS.md), against ~3 CPU-s here. ``python -X importtime`` says which
-modules take it (``torch._C``'s own time is the loading of libtorch and its CUDA libraries), so
-the next lever can aim at the right one.
+An actor imports ``ray.data`` (Ray Data's actor class, with pandas), torch and torchvision
+before its model exists: most of the GPU's idle start (benchmarks/RESULTS.md, "GPU").
+``python -X importtime`` says which modules take it (``torch._C``'s own time is the loading of
+libtorch and its CUDA libraries), so the next lever can aim at the right one.
 
-    python -m benchmarks.import_times [--top 25]
+    python -m benchmarks.probes.import_times [--top 25]
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import time
 
 # What an inference actor imports before its first batch, in its order.
 ACTOR_IMPORTS = ("import ray.data; import torch; "
-                 "from detectflow.torchvision_import import import_torchvision; "
+                 "from detectflow.workarounds.torchvision_import import import_torchvision; "
                  "import_torchvision(); import detectflow.predictor")
 
 

@@ -7,11 +7,11 @@
 # travels with the call, ready to unpack: cp312 wheels of our other dependencies, at the versions
 # this project's .venv runs (its `pip freeze` is the constraint), unpacked, stripped of what a
 # run never imports (Ray's RLlib, Serve, Tune, Train, Java and dashboard front end; Prefect's UI)
-# and packed in one tar.xz under the call's 64 MiB. `benchmarks/device/gpu_check.sh` unpacks it
+# and packed in one tar.xz under the call's 64 MiB. `benchmarks/probes/gpu_check.sh` unpacks it
 # there.
 #
-#   bash benchmarks/device/make_bundle.sh            # here, with pip and a registry
-#   # then: device run, carry [".devbundle"], command "bash benchmarks/device/gpu_check.sh"
+#   bash benchmarks/probes/make_bundle.sh            # here, with pip and a registry
+#   # then: device run, carry [".devbundle"], command "bash benchmarks/probes/gpu_check.sh"
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -29,7 +29,7 @@ UNUSED='^(virtualenv|py[-_]spy)$'
 if [[ -x $VENV_PIP ]]; then
     "$VENV_PIP" freeze --exclude-editable | grep -v ' @ ' > "$WORK/constraints.txt"
 else
-    echo "make_bundle: no $VENV_PIP (run make install-dev first): versions left to pip" >&2
+    echo "make_bundle: no $VENV_PIP (run make install first): versions left to pip" >&2
     : > "$WORK/constraints.txt"
 fi
 

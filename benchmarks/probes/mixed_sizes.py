@@ -1,11 +1,12 @@
 """Lever: batching images of similar size. Mixed-size images, one model, two ways to batch.
 
-``python -m benchmarks.mixed_sizes [--device cuda]`` decodes a set of photos of several sizes and
-aspect ratios (cut from the bundled photos), then runs the Detector actor's ``predict`` over
-batches of ``--batch`` images, grouping each batch either by the images' own (H, W) (the old
-key: only identical sizes share a forward call) or by the padded shape inside the model
-(``model_input_shape``: one aspect ratio batches together whatever its size). Prints images/s of
-both and the forward calls each made. Same images, model and weights for both; no Ray, no I/O.
+``python -m benchmarks.probes.mixed_sizes [--device cuda]`` decodes a set of photos of several
+sizes and aspect ratios (cut from the bundled photos), then runs the Detector actor's
+``predict`` over batches of ``--batch`` images, grouping each batch either by the images' own
+(H, W) (the old key: only identical sizes share a forward call) or by the padded shape inside
+the model (``model_input_shape``: one aspect ratio batches together whatever its size).
+Prints images/s of both and the forward calls each made. Same images, model and weights for
+both; no Ray, no I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.images import SAMPLES
-from benchmarks.run import GPU_MODEL, SMALL_MODEL, pick_weights
+from benchmarks.run import GPU_MODEL, ROOT, SMALL_MODEL, pick_weights
 
 # Common photo sizes: 4:3 and 3:4, 3:2, 16:9.
 SIZES = [(640, 480), (800, 600), (1024, 768), (500, 375), (480, 640), (375, 500), (600, 400),
@@ -66,12 +67,12 @@ def timed(detector, images: list[torch.Tensor], batch: int, by_model_shape: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.mixed_sizes", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probes.mixed_sizes",
+                                description=__doc__)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--cache-dir", default=str(Path(__file__).resolve().parent.parent / "output"
-                                              / "bench"))
+    p.add_argument("--cache-dir", default=str(ROOT / "output" / "bench"))
     args = p.parse_args(argv)
     from detectflow.predictor import Detector
 
