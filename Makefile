@@ -73,8 +73,9 @@ test-weights: install
 	$(BIN)/python tests/calibrated_weights.py --model $(MODEL) --images data/sample_images \
 		--out output/weights/$(MODEL)-calibrated.pth
 
-# Throughput against Ray's reference recipe and the bare model (benchmarks/RESULTS.md); never
-# part of `make test`. BENCH_ARGS e.g. "--n 48 --scale" or "--device cuda".
+# Throughput against Ray's reference recipe and the bare model; never part of `make test`. Each
+# run's tables go to output/bench/results/ (the current ones, the method and the lever log are in
+# benchmarks/RESULTS.md). BENCH_ARGS e.g. "--n 96 --scale --repeat 3" or "--device cuda".
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -14,65 +14,95 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from detectflow.config import DEFAULTS
 from detectflow.errors import DetectflowError
-
-D = DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detectflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="detect objects in a folder or s3:// prefix of images")
-    run.add_argument("--input", dest="input_uri", default=D["input_uri"],
-                     help="folder or s3://bucket/prefix (default: bundled sample images)")
-    run.add_argument("--output", dest="output_uri", default="output",
-                     help="folder or s3:// prefix; the run writes OUTPUT/RUN_ID/")
-    run.add_argument("--model", default=D["model"], help=f"torchvision detector (default {D['model']})")
-    run.add_argument("--weights", default=None,
-                     help=".pth path or s3:// URI (default: torchvision's pretrained weights)")
-    run.add_argument("--score-threshold", type=float, default=D["score_threshold"])
-    run.add_argument("--batch-size", type=int, default=D["batch_size"],
-                     help="images per inference call (default: 16 per GPU actor, 4 on CPU)")
-    run.add_argument("--limit", type=int, default=None, help="only the first N images")
-    run.add_argument("--extensions", default=",".join(D["extensions"]),
-                     help="comma-separated file extensions to include")
-    run.add_argument("--run-id", default=None, help="output folder name (default: time-based)")
-    run.add_argument("--ray-address", default=None,
-                     help="existing Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--s3-endpoint-url", default=None,
-                     help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    run.add_argument("--device", choices=["auto", "cuda", "cpu"], default=D["device"])
-    run.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=D["precision"],
-                     help="bf16/fp16: autocast inference (for GPUs; default fp32)")
-    run.add_argument("--gpu-decode", action="store_true",
-                     help="GPU actors decode plain JPEGs (nvJPEG); decode tasks only read bytes")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="run the model in the channels-last (NHWC) layout "
-                          "(default: on for CPU actors, off for GPUs)")
-    run.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                     help="fold batch norms into the convolutions before them "
-                          "(default: on for CPU actors, off for GPUs)")
-    run.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction,
-                     default=D["keep_freed_memory"],
-                     help="CPU actors and decode tasks keep freed memory for the next batch "
-                          "(glibc malloc; default on)")
-    run.add_argument("--gpu-streams", type=int, default=D["gpu_streams"],
-                     help="batches each GPU actor runs at once, one CUDA stream each (default 2)")
-    run.add_argument("--num-actors", type=int, default=None,
-                     help="inference actors (default: one per GPU, or 1 on CPU)")
-    run.add_argument("--max-actors", type=int, default=None,
-                     help="let the actor pool grow from --num-actors (or 1) up to this")
-    run.add_argument("--gpus-per-actor", type=float, default=D["gpus_per_actor"])
-    run.add_argument("--cpus-per-actor", type=float, default=D["cpus_per_actor"])
-    run.add_argument("--sample-size", type=int, default=D["sample_size"])
-    run.add_argument("--max-failure-fraction", type=float, default=D["max_failure_fraction"],
-                     help="exit non-zero when more than this share of images cannot be read")
-    run.add_argument("--shard-size", type=int, default=D["shard_size"],
-                     help="images per output file; an interrupted run resumes shard by shard")
+    run = sub.add_parser("run", help="detect objects in a folder or s3:// prefix of images",
+                         description="Detect objects in every image under --input and publish "
+                                     "the run under --output.")
+    add_config_options(run)
     return parser
+
+
+def config_options() -> list[tuple[str, dict[str, Any], bool]]:
+    """(flag, argparse keywords, advanced) for each ``RunConfig`` field: flag, type, choices,
+    default and help all come from the field. Options not given are left out of the parsed
+    arguments, so the field's own default applies."""
+    from detectflow.config import RunConfig, knob
+
+    options = []
+    for name, field in RunConfig.model_fields.items():
+        meta = knob(field)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                  "help": _help(field)}
+        base = _without_none(field.annotation)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is Literal:
+            kwargs["choices"] = get_args(base)
+            if len(kwargs["choices"]) > 4:  # too long for the usage line: listed in the help
+                kwargs.update(metavar="NAME", help=_help(field, kwargs["choices"]))
+        elif base in (int, float):
+            kwargs.update(type=base, metavar="N" if base is int else "X")
+        elif get_origin(base) is tuple:
+            kwargs["metavar"] = "A,B"
+        else:
+            kwargs["metavar"] = "URI" if name.endswith(("_uri", "weights")) else "TEXT"
+        options.append((meta.flag or "--" + name.replace("_", "-"), kwargs, meta.advanced))
+    return options
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    groups = {False: parser.add_argument_group("run options"),
+              True: parser.add_argument_group("advanced options")}
+    for flag, kwargs, advanced in config_options():
+        groups[advanced].add_argument(flag, **kwargs)
+
+
+def options_table() -> str:
+    """README's table of the options: the same flags and help as ``detectflow run --help``."""
+    rows = ["| option | what it does |", "|---|---|"]
+    for flag, kwargs, advanced in config_options():
+        if kwargs.get("action") is argparse.BooleanOptionalAction:
+            shown = f"--[no-]{flag[2:]}"
+        else:
+            shown = f"{flag} {kwargs.get('metavar') or '{' + ','.join(kwargs['choices']) + '}'}"
+        what = kwargs["help"].replace("%%", "%").replace("|", "\\|").replace("<", "&lt;")
+        rows.append(f"| `{shown}` | {'(advanced) ' if advanced else ''}{what} |")
+    return "\n".join(rows)
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if get_origin(annotation) in (Union, UnionType) and len(args) == 1 \
+        else annotation
+
+
+def _help(field: Any, listed: Sequence[str] = ()) -> str:
+    """The field's description, its bounds and its default (argparse escapes ``%``)."""
+    from detectflow.config import REPO_ROOT
+
+    bounds = [f"{op} {getattr(m, attr)}" for m in field.metadata
+              for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if getattr(m, attr, None) is not None]
+    default = field.default
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, tuple):
+        shown = ",".join(default) or None
+    elif isinstance(default, str) and default.startswith(str(REPO_ROOT)):
+        shown = os.path.relpath(default, REPO_ROOT)  # the same help on every checkout
+    else:
+        shown = default
+    text = field.description + (f" One of: {', '.join(listed)}." if listed else "") \
+        + (f" [{', '.join(bounds)}]" if bounds else "")
+    return (text + (f" (default: {shown})" if shown is not None else "")).replace("%", "%%")
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -113,9 +143,12 @@ def run(args: argparse.Namespace) -> int:
 
             params = {k: v for k, v in vars(args).items() if k != "command"}
             cfg = parse_config(**params).with_run_id()
+            from detectflow import workarounds
+
             server = None
-            if not os.environ.get("PREFECT_API_URL"):
-                from detectflow.api_server import TemporaryApiServer
+            own_api = not os.environ.get("PREFECT_API_URL")
+            if own_api and workarounds.applies("api_server"):
+                from detectflow.workarounds.api_server import TemporaryApiServer
 
                 server = TemporaryApiServer()
                 # A plain atexit hook runs after Prefect's own exit hooks have sent the last
@@ -129,16 +162,18 @@ def run(args: argparse.Namespace) -> int:
             # Seconds, not minutes, to learn that weights, input or output are unusable.
             preflight(cfg)
             flow = _Background(_import_flow, server)  # Ray is imported by now, Prefect isn't
-            api_url = server.url if server else os.environ["PREFECT_API_URL"]
-            connected = raycluster.connect(cfg.ray_address,
-                                           raycluster.worker_env(api_url, cfg.s3_endpoint_url))
+            if server is not None or not own_api:
+                api_url = server.url if server else os.environ["PREFECT_API_URL"]
+                connected = raycluster.connect(
+                    cfg.ray_address, raycluster.worker_env(api_url, cfg.s3_endpoint_url),
+                    ship_code=cfg.ship_code, dashboard=cfg.ray_dashboard)
+            # else the plain path: Prefect starts its own temporary server with the flow, and
+            # the flow connects Ray once that server's URL is known.
             detect_objects, settings = flow.result()
             if settings is not None:
                 server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-        flow_params = {k: v for k, v in cfg.model_dump().items()
-                       if k in detect_objects.parameters.properties}
         with settings if settings is not None else contextlib.nullcontext():
-            state = detect_objects(**flow_params, return_state=True)
+            state = detect_objects(**cfg.model_dump(), return_state=True)
     finally:
         if connected is not None:
             raycluster.shutdown()

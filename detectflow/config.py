@@ -1,19 +1,27 @@
 """The one typed run configuration.
 
-Every knob the CLI, the flow's parameters (and so the Prefect UI form) and the library share is
-declared here once, as an ``Annotated`` type with its constraints, so that a bad value is refused
-with the field's name before any work starts.
+Every knob is declared here once, as a field of ``RunConfig``: its type, constraints, default and
+one-line description. The command line (``cli.add_config_options``), the flow's parameters and so
+the Prefect UI form (``flow_signature``), the manifest's ``parameters`` (``model_dump``) and the
+resume fingerprint (fields marked ``Knob(results=True)``) all follow from it, so adding a knob
+is one edit here. A bad value is refused with the field's name before any work starts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.fields import FieldInfo
 
 from detectflow.errors import ConfigError
 
@@ -33,106 +41,21 @@ ModelName = Literal[
     "ssd300_vgg16",
     "ssdlite320_mobilenet_v3_large",
 ]
-InputUri = Annotated[
-    str, Field(min_length=1, description="Folder or s3://bucket/prefix holding the images.")
-]
-OutputUri = Annotated[
-    str, Field(min_length=1, description="Folder or s3:// prefix; the run writes <output>/<run_id>/.")
-]
-WeightsUri = Annotated[
-    str | None,
-    Field(description="Local .pth path or s3:// URI; empty = torchvision's pretrained weights."),
-]
-ScoreThreshold = Annotated[
-    float, Field(ge=0.0, le=1.0, description="Keep detections scoring at least this.")
-]
-BatchSize = Annotated[
-    int | None,
-    Field(ge=1, le=1024,
-          description="Images per inference call; empty = 16 per GPU actor, 4 per CPU actor."),
-]
-Extensions = Annotated[
-    list[str], Field(min_length=1, description="File extensions to include (case-insensitive).")
-]
-ImageLimit = Annotated[int | None, Field(ge=1, description="Process only the first N images.")]
-RunId = Annotated[
-    str | None,
-    Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="Names the output folder; re-using one resumes or re-reads that run.",
-    ),
-]
-RayAddress = Annotated[
-    str | None, Field(description="Existing Ray cluster (ray://host:10001 or auto); empty = local.")
-]
-S3EndpointUrl = Annotated[
-    str | None,
-    Field(
-        pattern=r"^https?://[^\s@]+$",
-        description="S3-compatible endpoint (MinIO, Ceph, R2); empty = AWS_ENDPOINT_URL(_S3) or AWS.",
-    ),
-]
-NumActors = Annotated[
-    int | None, Field(ge=1, description="Inference actors; empty = one per GPU, or 1 on CPU.")
-]
-MaxActors = Annotated[
-    int | None,
-    Field(ge=1, description="Let the actor pool grow up to N (num_actors, or 1, is the minimum)."),
-]
-GpusPerActor = Annotated[float, Field(ge=0.0, le=8.0, description="GPUs each actor reserves.")]
-CpusPerActor = Annotated[
-    float | None,
-    Field(gt=0.0, le=256.0,
-          description="CPUs each CPU actor reserves; empty = one actor per core on one machine."),
-]
-SampleSize = Annotated[int, Field(ge=0, le=64, description="Images drawn for validation.")]
-FailureFraction = Annotated[
-    float,
-    Field(ge=0.0, le=1.0, description="Mark the run Failed (after writing) above this share of bad images."),
-]
-ShardSize = Annotated[
-    int,
-    Field(ge=1, le=1_000_000,
-          description="Images per shard: the unit of output files and of resuming a run."),
-]
-Device = Literal["auto", "cuda", "cpu"]
-Precision = Annotated[
-    Literal["fp32", "bf16", "fp16"],
-    Field(description="Inference precision: fp32, or bf16/fp16 autocast (GPUs; boxes match fp32 "
-                      "within the tolerance README states)."),
-]
-GpuDecode = Annotated[
-    bool,
-    Field(description="GPU actors decode plain JPEGs themselves with nvJPEG (CPU tasks only read "
-                      "the bytes); other images are decoded on CPU as usual."),
-]
-ChannelsLast = Annotated[
-    bool | None,
-    Field(description="Run the model in the channels-last (NHWC) layout that tensor cores and "
-                      "oneDNN's CPU kernels read natively: faster; boxes move by float rounding. "
-                      "Empty (default): on for CPU actors, off for GPU actors."),
-]
-FoldBatchNorm = Annotated[
-    bool | None,
-    Field(description="Fold each batch norm into the convolution before it once the weights are "
-                      "loaded: the same function without the norm's pass over the activations; "
-                      "boxes move by float rounding. Empty (default): on for CPU actors, off for "
-                      "GPU actors."),
-]
-KeepFreedMemory = Annotated[
-    bool,
-    Field(description="CPU actors and decode tasks keep freed memory in glibc's heap for the "
-                      "next batch instead of returning every block to the kernel (mallopt; "
-                      "detectflow/allocator.py): 1.15x on the small model's bare loop, 1.38x on "
-                      "decoding, same results."),
-]
-GpuStreams = Annotated[
-    int,
-    Field(ge=1, le=8,
-          description="Batches each GPU actor runs at once, each on its own CUDA stream: one "
-                      "batch's serial steps (NMS) overlap another's convolutions (2: 1.26x on "
-                      "an H200, same boxes)."),
-]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """What a field means beyond its value: its command-line flag (default ``--field-name``),
+    whether it belongs to the advanced options, and whether it changes detections (then it is
+    part of the resume fingerprint)."""
+
+    flag: str | None = None
+    advanced: bool = False
+    results: bool = False
+
+
+ADVANCED = Knob(advanced=True)
+RESULTS = Knob(results=True)
 
 
 def new_run_id() -> str:
@@ -144,36 +67,122 @@ def new_run_id() -> str:
 class RunConfig(BaseModel):
     """Everything one run needs; defaults run the bundled sample images out of the box."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              allow_inf_nan=False)
 
-    input_uri: InputUri = str(SAMPLE_IMAGES)
-    output_uri: OutputUri = "output"
-    model: ModelName = DEFAULT_MODEL
-    weights: WeightsUri = None
-    score_threshold: ScoreThreshold = 0.5
-    batch_size: BatchSize = None
-    limit: ImageLimit = None
-    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
-    run_id: RunId = None
-    ray_address: RayAddress = None
-    s3_endpoint_url: S3EndpointUrl = None
-    device: Device = "auto"
-    precision: Precision = "fp32"
-    gpu_decode: GpuDecode = False
-    channels_last: ChannelsLast = None  # None: on for CPU actors (predictor.model_tuning)
-    fold_batchnorm: FoldBatchNorm = None
-    gpu_streams: GpuStreams = 2
-    keep_freed_memory: KeepFreedMemory = True
-    num_actors: NumActors = None
-    max_actors: MaxActors = None
-    gpus_per_actor: GpusPerActor = 1.0
-    cpus_per_actor: CpusPerActor = None
-    decode_cpus: Annotated[float, Field(gt=0.0, le=64.0)] = 1.0
-    max_image_side: Annotated[int, Field(ge=64, le=65536)] = 4096
-    object_store_mib: Annotated[int | None, Field(ge=0)] = None  # None: sized from the pool
-    shard_size: ShardSize = 1000
-    sample_size: SampleSize = 4
-    max_failure_fraction: FailureFraction = 0.1
+    input_uri: Annotated[str, Knob(flag="--input"), Field(
+        min_length=1, description="Folder or s3://bucket/prefix holding the images.",
+    )] = str(SAMPLE_IMAGES)
+    output_uri: Annotated[str, Knob(flag="--output"), Field(
+        min_length=1, description="Folder or s3:// prefix; the run writes <output>/<run_id>/.",
+    )] = "output"
+    model: Annotated[ModelName, RESULTS, Field(
+        description="torchvision detector architecture.",
+    )] = DEFAULT_MODEL
+    weights: Annotated[str | None, RESULTS, Field(
+        description="Local .pth path or s3:// URI; empty = torchvision's pretrained weights.",
+    )] = None
+    score_threshold: Annotated[float, RESULTS, Field(
+        ge=0.0, le=1.0, description="Keep detections scoring at least this.",
+    )] = 0.5
+    batch_size: Annotated[int | None, Field(
+        ge=1, le=1024, description="Images per inference call; empty = 16 per GPU actor, 4 per "
+                                   "CPU actor.",
+    )] = None
+    limit: Annotated[int | None, Field(
+        ge=1, description="Process only the first N images.",
+    )] = None
+    extensions: Annotated[tuple[str, ...], Field(
+        min_length=1, description="File extensions to include (case-insensitive; "
+                                  "comma-separated on the command line).",
+    )] = DEFAULT_EXTENSIONS
+    run_id: Annotated[str | None, Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Names the output folder; re-using one resumes or re-reads that run.",
+    )] = None
+    ray_address: Annotated[str | None, Field(
+        description="Existing Ray cluster (ray://host:10001 or auto); empty = RAY_ADDRESS, "
+                    "else a local Ray.",
+    )] = None
+    s3_endpoint_url: Annotated[str | None, Field(
+        pattern=r"^https?://[^\s@]+$",
+        description="S3-compatible endpoint (MinIO, Ceph, R2); empty = AWS_ENDPOINT_URL(_S3) "
+                    "or AWS.",
+    )] = None
+    device: Annotated[Literal["auto", "cuda", "cpu"], Field(
+        description="Where the inference actors run; auto = GPUs when the cluster has them.",
+    )] = "auto"
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], RESULTS, Field(
+        description="Inference precision: fp32, or bf16/fp16 autocast on GPUs.",
+    )] = "fp32"
+    sample_size: Annotated[int, Field(
+        ge=0, le=64, description="Images drawn with their boxes for validation.",
+    )] = 4
+    max_failure_fraction: Annotated[float, Field(
+        ge=0.0, le=1.0, description="Mark the run Failed (after writing) above this share of "
+                                    "unreadable images.",
+    )] = 0.1
+    shard_size: Annotated[int, Field(
+        ge=1, le=1_000_000, description="Images per output file: the unit of resuming a run.",
+    )] = 1000
+    # Advanced: the pool, the model's layout and the cluster; the defaults suit most runs.
+    num_actors: Annotated[int | None, ADVANCED, Field(
+        ge=1, description="Inference actors; empty = one per GPU, or one per core on one "
+                          "CPU-only machine.",
+    )] = None
+    max_actors: Annotated[int | None, ADVANCED, Field(
+        ge=1, description="Let the actor pool grow up to N (num_actors, or 1, is the minimum).",
+    )] = None
+    gpus_per_actor: Annotated[float, ADVANCED, Field(
+        ge=0.0, le=8.0, description="GPUs each actor reserves (0.5 packs two on a GPU).",
+    )] = 1.0
+    cpus_per_actor: Annotated[float | None, ADVANCED, Field(
+        gt=0.0, le=256.0, description="CPUs each CPU actor reserves; empty = the cores that "
+                                      "decoding leaves, shared by the actors.",
+    )] = None
+    decode_cpus: Annotated[float, ADVANCED, Field(
+        gt=0.0, le=64.0, description="CPUs each decode task reserves.",
+    )] = 1.0
+    max_image_side: Annotated[int, Knob(advanced=True, results=True), Field(
+        ge=64, le=65536, description="Larger images are scaled down to this many pixels on "
+                                     "their long side before inference; boxes stay in "
+                                     "original pixels.",
+    )] = 4096
+    object_store_mib: Annotated[int | None, ADVANCED, Field(
+        ge=0, description="Object store the detect stage may fill; empty = sized from the "
+                          "actor pool, 0 = Ray's own default.",
+    )] = None
+    gpu_decode: Annotated[bool, Knob(advanced=True, results=True), Field(
+        description="GPU actors decode plain JPEGs themselves (nvJPEG); other images are "
+                    "decoded on CPUs.",
+    )] = False
+    channels_last: Annotated[bool | None, Knob(advanced=True, results=True), Field(
+        description="Run the model in the channels-last (NHWC) layout; boxes move by float "
+                    "rounding. Empty = on for CPU actors, off for GPU actors.",
+    )] = None
+    fold_batchnorm: Annotated[bool | None, Knob(advanced=True, results=True), Field(
+        description="Fold batch norms into the convolutions before them; boxes move by float "
+                    "rounding. Empty = on for CPU actors, off for GPU actors.",
+    )] = None
+    gpu_streams: Annotated[int, ADVANCED, Field(
+        ge=1, le=8, description="Batches each GPU actor runs at once, each on its own CUDA "
+                                "stream.",
+    )] = 2
+    keep_freed_memory: Annotated[bool, ADVANCED, Field(
+        description="CPU actors and decode tasks keep freed memory for the next batch instead "
+                    "of returning it to the system.",
+    )] = True
+    ray_dashboard: Annotated[bool, ADVANCED, Field(
+        description="Start the run's own local Ray with its dashboard.",
+    )] = False
+    ship_code: Annotated[bool, ADVANCED, Field(
+        description="Upload detectflow's code to an existing cluster's workers; off when the "
+                    "cluster's image has it installed.",
+    )] = True
+    shared_paths: Annotated[tuple[str, ...], ADVANCED, Field(
+        description="Folders mounted at the same path on every node of a cluster (NFS), so "
+                    "local paths under them may be used there.",
+    )] = ()
 
     @field_validator("input_uri", "output_uri")
     @classmethod
@@ -197,12 +206,15 @@ class RunConfig(BaseModel):
     def _normalise_extensions(cls, value: object) -> tuple[str, ...]:
         if value is None:  # "not given" from the flow's form or the CLI
             return DEFAULT_EXTENSIONS
-        if isinstance(value, str):
-            value = [v for v in re.split(r"[,\s]+", value) if v]
-        exts = tuple(sorted({("." + str(v).lower().lstrip(".")) for v in value}))  # type: ignore[union-attr]
+        exts = tuple(sorted({"." + v.lower().lstrip(".") for v in _items(value)}))
         if not exts:
             raise ValueError("at least one extension is needed")
         return exts
+
+    @field_validator("shared_paths", mode="before")
+    @classmethod
+    def _absolute_shared_paths(cls, value: object) -> tuple[str, ...]:
+        return tuple(str(Path(p).expanduser().resolve()) for p in _items(value or ()))
 
     def with_run_id(self) -> RunConfig:
         """A copy with a concrete run id, generated when none was given."""
@@ -215,7 +227,44 @@ class RunConfig(BaseModel):
         return f"{self.output_uri}/{self.run_id}"
 
 
+def _items(value: object) -> list[str]:
+    """A list from the form, or ``a,b c`` from the command line."""
+    if isinstance(value, str):
+        return [v for v in re.split(r"[,\s]+", value) if v]
+    return [str(v) for v in value]  # type: ignore[union-attr]
+
+
 DEFAULTS = {name: field.default for name, field in RunConfig.model_fields.items()}
+
+
+def knob(field: FieldInfo) -> Knob:
+    return next((m for m in field.metadata if isinstance(m, Knob)), Knob())
+
+
+def fingerprint(cfg: RunConfig, weights_sha256: str = "") -> str:
+    """What a detection row depends on besides its image: every field marked as changing
+    results, and the weights by content (so weights overwritten at the same path count)."""
+    key = {name: getattr(cfg, name) for name, field in RunConfig.model_fields.items()
+           if knob(field).results}
+    key |= {"weights_sha256": weights_sha256, "run_id": cfg.run_id}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def flow_signature(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``fn(**params)`` one keyword parameter per field, typed and constrained as the field
+    is, and an ``Args:`` docstring section with the fields' descriptions: Prefect builds the
+    flow's parameters, its UI form (described fields) and their validation from the two."""
+    params = []
+    for name, field in RunConfig.model_fields.items():
+        constraints = [m for m in field.metadata if not isinstance(m, Knob)]
+        annotation = (Annotated[(field.annotation, *constraints)]  # type: ignore[valid-type]
+                      if constraints else field.annotation)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=field.default, annotation=annotation))
+    fn.__signature__ = inspect.Signature(params, return_annotation=dict)  # type: ignore[attr-defined]
+    fn.__doc__ = (inspect.cleandoc(fn.__doc__ or "") + "\n\nArgs:\n" + "".join(
+        f"    {name}: {field.description}\n" for name, field in RunConfig.model_fields.items()))
+    return fn
 
 
 def parse_config(**params: object) -> RunConfig:

@@ -1,6 +1,6 @@
 """Test-only crash points: freeze the process at a named step so a test can kill the run there.
 
-``DETECTFLOW_FAILPOINT=NAME`` (or ``NAME:N`` for a counted point) makes the process that reaches
+``DETECTFLOW_TEST_FAILPOINT=NAME`` (or ``NAME:N`` for a counted point) makes the process that reaches
 that step stop and wait to be killed. A test then SIGKILLs the whole run at a known step — a real
 crash, without racing the pipeline. Unset (always, outside tests), every call is a no-op.
 """
@@ -11,13 +11,13 @@ import os
 import sys
 import time
 
-ENV = "DETECTFLOW_FAILPOINT"
+ENV = "DETECTFLOW_TEST_FAILPOINT"
 FREEZE_S = 600.0  # then exit hard: a forgotten failpoint never lets the run carry on
 EXIT_CODE = 70
 
 
 def hit(name: str, count: int | None = None) -> None:
-    """Freeze here if ``DETECTFLOW_FAILPOINT`` names this point (and ``count`` matches ``:N``)."""
+    """Freeze here if ``DETECTFLOW_TEST_FAILPOINT`` names this point (and ``count`` matches ``:N``)."""
     spec = os.environ.get(ENV, "")
     wanted, _, n = spec.partition(":")
     if not spec or wanted != name or (n and count != int(n)):

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from detectflow import storage
 from detectflow.errors import WeightsError
-from detectflow.torchvision_import import import_torchvision
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +67,6 @@ class ResolvedWeights:
 
 def default_weights(model: str):
     """The torchvision weights enum entry the reference recipe uses (``.DEFAULT``)."""
-    import_torchvision()
     from torchvision.models import get_model_weights
 
     return get_model_weights(model).DEFAULT
@@ -150,7 +148,6 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
 
 def build_model(model: str, score_threshold: float = 0.05) -> torch.nn.Module:
     """The torchvision architecture with no weights (nothing is downloaded here)."""
-    import_torchvision()
     from torchvision.models import get_model_builder
 
     family = model.split("_", 1)[0]

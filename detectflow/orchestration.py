@@ -8,8 +8,6 @@ its task runs. We hand the flow's own API URL to every Ray worker through ``runt
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +16,7 @@ from prefect.task_runners import TaskRunner
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
-from detectflow import prestart, raycluster
+from detectflow import raycluster, workarounds
 from detectflow.errors import is_retryable
 from detectflow.raycluster import alive_nodes, code_runtime_env, existing_cluster_address
 
@@ -65,52 +63,26 @@ class LazyRayTaskRunner(RayTaskRunner):
 
     def __enter__(self):  # noqa: D105 - skip RayTaskRunner's eager ray.init
         TaskRunner.__enter__(self)
+        if workarounds.applies("task_log_flush"):
+            from detectflow.workarounds import task_logs
+
+            task_logs.install(self)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:  # noqa: D105 - never shut down Ray here
         TaskRunner.__exit__(self, *exc_info)
 
-    @staticmethod
-    def _run_prefect_task(*upstream_ray_obj_refs: Any, **kwargs: Any) -> Any:
-        """prefect-ray's remote function; on a local Ray of the run's own, then this worker's
-        logs and events sent to the API.
-
-        Prefect sends logs in 2-second batches from a background thread and flushes them at
-        interpreter exit, which the workers of a local Ray never reach: its shutdown kills them
-        (``raycluster.FLUSH_LOGS``). Flushing costs ~10-200 ms per task, so only there.
-        """
-        try:
-            return RayTaskRunner._run_prefect_task(*upstream_ray_obj_refs, **kwargs)
-        finally:
-            if os.environ.get(raycluster.FLUSH_LOGS) == "1":
-                flush_to_api()
-
-
-def flush_to_api(timeout: float = 5.0) -> None:
-    """Send this process's queued Prefect logs and events now (each service restarts on use).
-
-    Best effort, at most ``timeout`` per queue: an API that is down or slow must not fail or
-    stall the task whose logs these are.
-    """
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        try:
-            service.drain_all(timeout=timeout)
-        except Exception as exc:  # noqa: BLE001 - logging must never fail a task
-            print(f"detectflow: could not flush {service.__name__}: {exc}", file=sys.stderr)
-
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None, env: dict[str, str]) -> Iterator[dict[str, float]]:
-    """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray).
+def ray_cluster(cfg: Any, env: dict[str, str]) -> Iterator[dict[str, float]]:
+    """Connect to ``cfg.ray_address`` (``RAY_ADDRESS`` when empty, else a new local Ray).
 
     Yields the cluster's resources. An existing connection (``detectflow run`` connects before
     the flow starts; a test may too) is reused and left open; ``ray.shutdown()`` at the end stops
     a local Ray we started, and only disconnects from an existing cluster, which keeps running.
     """
-    connected_here = raycluster.connect(address, env) is not None
+    connected_here = raycluster.connect(cfg.ray_address, env, ship_code=cfg.ship_code,
+                                        dashboard=cfg.ray_dashboard) is not None
     try:
         raycluster.await_warm_workers()  # so that the first task runs on the warmed worker
         yield ray.cluster_resources()
@@ -138,27 +110,3 @@ def task_runtime_env(env: dict[str, str]) -> dict[str, Any] | None:
     """The ``runtime_env`` our Prefect tasks add to the job's: ``env`` unless the job has it."""
     job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
     return None if all(job_env.get(k) == v for k, v in env.items()) else {"env_vars": env}
-
-
-def prestart_detectors(cfg: Any, env: dict[str, str]) -> int:
-    """Have the local raylet start the inference actors' workers now, so that they import torch
-    and ``ray.data`` while the stages before detect run (``detectflow.prestart``); how many.
-
-    Only where ``prestart.applies``: one machine (on a multi-node cluster the actors may land on
-    any node), cores to spare. A plan the cluster cannot run prestarts nothing; the detect task
-    reports it.
-    """
-    from detectflow.pipeline import plan_resources
-
-    if not prestart.enabled():
-        return 0
-    try:
-        plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
-    except Exception:  # noqa: BLE001 - e.g. ConfigError, raised again by the detect task
-        return 0
-    if not prestart.applies(plan):
-        return 0
-    # The detect task's runtime env: the job's, plus what task_options adds.
-    parent = prestart.merged(prestart.current_runtime_env(), task_runtime_env(env) or {})
-    return prestart.prestart_detectors(
-        plan.num_actors, parent, prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold))

@@ -18,8 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detectflow import failpoints, listing, prestart, resume, storage
-from detectflow.config import RunConfig
+from detectflow import failpoints, listing, resume, storage
+from detectflow.config import RunConfig, fingerprint
 from detectflow.errors import ConfigError
 from detectflow.predictor import Detector, decode_batch, model_tuning
 
@@ -292,7 +292,8 @@ def read_listing(batch: pa.Table) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
+def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan,
+                  actor_env: dict[str, Any] | None = None):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
@@ -315,11 +316,6 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         # deprecates the remote-args function that used to serve as this barrier.
         max_calls=0,
     )
-    # Preloads torch, ray.data and the model in the actors' workers, which the flow prestarted.
-    actor_env = prestart.actor_runtime_env(
-        prestart.current_runtime_env(),
-        prestart.model_spec(cfg.model, cfg.weights, cfg.score_threshold),
-    ) if prestart.applies(plan) else None
     ds = ds.map_batches(
         Detector,
         fn_constructor_kwargs={
@@ -340,6 +336,7 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan):
         compute=plan.actor_pool(),
         num_gpus=plan.gpus_per_actor,
         num_cpus=plan.cpus_per_actor,
+        # Ray merges it into the job's, key by key (the caller's start-up shortcuts).
         **({"runtime_env": actor_env} if actor_env else {}),
     )
     # Ray Data's progress bars are drawn for a terminal; from the Ray worker that runs the detect
@@ -363,6 +360,7 @@ def run_detection(
     plan: ResourcePlan,
     on_progress: Callable[[int, int, float], None] | None = None,
     weights_sha256: str = "",
+    actor_env: dict[str, Any] | None = None,
 ) -> DetectStats:
     """Execute the pipeline, stream results into staged shards, and count what came out.
 
@@ -370,7 +368,7 @@ def run_detection(
     are reused; only the other shards' images are read and inferred.
     """
     shards = listing.read_index(listing_uri)["files"]
-    key = resume.fingerprint(cfg, weights_sha256)
+    key = fingerprint(cfg, weights_sha256)
     writer = ShardWriter(staging_uri, {f["shard"]: f["rows"] for f in shards},
                          {f["shard"]: f["sha256"] for f in shards}, key)
     stats = DetectStats()
@@ -387,7 +385,7 @@ def run_detection(
         stats.shards_reused += 1
         stats.images_reused += table.num_rows
     if todo:
-        dataset = build_dataset(cfg, todo, plan)
+        dataset = build_dataset(cfg, todo, plan, actor_env)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             fresh = writer.add(batch)
             stats.add(fresh)

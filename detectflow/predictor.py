@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from detectflow import allocator, gcpause, imaging, models, prestart, storage
+from detectflow import allocator, gcpause, imaging, models, storage
 from detectflow.schema import detection_row, rows_to_table
 
 if TYPE_CHECKING:
@@ -205,12 +205,8 @@ class Detector:
                 torch.set_num_threads(max(1, cpu_threads))
                 if keep_freed_memory:  # before the model's first batch allocates
                     allocator.keep_freed_memory()
-            # Built with its weights by the worker's setup hook when the flow prestarted it.
-            net = prestart.take_preloaded(model, weights, score_threshold)
-            self.model_preloaded = net is not None
-            if net is None:
-                resolved = models.resolve_weights(model, weights, checksum=False)
-                net = models.load_model(model, resolved, score_threshold, "cpu")
+            resolved = models.resolve_weights(model, weights, checksum=False)
+            net = models.load_model(model, resolved, score_threshold, "cpu")
             self.model = tune_for_device(net.to(self.device), self.device, channels_last,
                                          fold_batchnorm)
         self._local = threading.local()  # each thread's CUDA stream (``gpu_streams`` > 1)

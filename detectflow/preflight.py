@@ -35,22 +35,13 @@ def check_output(output_uri: str) -> None:
         raise OutputError(f"cannot write to {output_uri}: {storage.explain(exc)}") from None
 
 
-def shared_paths_from_env() -> tuple[str, ...]:
-    """Folders mounted at the same path on every node (NFS, a shared volume), ``:``-separated
-    in ``DETECTFLOW_SHARED_PATHS``."""
-    value = os.environ.get("DETECTFLOW_SHARED_PATHS", "")
-    return tuple(os.path.abspath(p) for p in value.split(":") if p)
-
-
-def require_shared_storage(
-    cfg: RunConfig, nodes: int, shared_paths: tuple[str, ...] | None = None
-) -> None:
+def require_shared_storage(cfg: RunConfig, nodes: int) -> None:
     """On a multi-node cluster every node reads the input and weights and writes the output, so
     a path on one machine's disk would be missing (or different) on the others: refuse it,
-    unless it lies under a folder declared shared."""
+    unless it lies under a folder declared shared (``shared_paths``)."""
     if nodes <= 1:
         return
-    shared = shared_paths_from_env() if shared_paths is None else shared_paths
+    shared = cfg.shared_paths
 
     def node_local(uri: str) -> bool:
         if not storage.is_local(uri):
@@ -59,7 +50,7 @@ def require_shared_storage(
         return not any(path == p or path.startswith(p.rstrip("/") + "/") for p in shared)
 
     hint = (f"but the Ray cluster has {nodes} nodes; use shared storage or s3:// "
-            "(or list a folder mounted on every node in DETECTFLOW_SHARED_PATHS)")
+            "(or list a folder mounted on every node in shared_paths)")
     if node_local(cfg.input_uri):
         raise InputError(f"input {cfg.input_uri} is a local path {hint}")
     if node_local(cfg.output_uri):

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from detectflow import prestart, raystart
+from detectflow import workarounds
 from detectflow.errors import ConfigError
 from detectflow.gcpause import collection_paused
 
@@ -28,6 +28,8 @@ WARM_MODULES = ("flows.detect_objects",)
 # in a thread once it is ready, while the first tasks run, instead of at the detect stage's start
 # (measured: the detect stage 0.26 s shorter on the means of seven alternating runs).
 LATER_MODULES = ("ray.data",)
+# One warmed worker: a second one measured slower on 2 cores (benchmarks/RESULTS.md, lever log).
+WARM_WORKERS = 1
 _warming: list[ray.ObjectRef] = []  # warm-up tasks not yet waited for (await_warm_workers)
 
 
@@ -36,25 +38,20 @@ def existing_cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def code_runtime_env() -> dict[str, Any]:
+def code_runtime_env(ship: bool = True) -> dict[str, Any]:
     """Ship our own packages to a cluster's workers (``py_modules``).
 
     Nodes of an existing cluster have the dependencies (the same image or environment) but not
     necessarily this checkout; Ray uploads the three packages once, per content hash, and puts
-    them on every worker's ``sys.path``. ``DETECTFLOW_SHIP_CODE=0`` turns it off for clusters
-    whose image already contains detectflow.
+    them on every worker's ``sys.path`` (the ``ship_code`` field turns it off).
     """
-    if not _flag("DETECTFLOW_SHIP_CODE", "1"):
+    if not ship:
         return {}
     # Folders, not imported modules: ``detectflow run`` imports our code in another thread
     # meanwhile, and two threads importing one package can see it half-initialised.
     folders = [os.path.dirname(importlib.util.find_spec(name).origin)
                for name in ("detectflow", "tasks", "flows")]
     return {"py_modules": folders, "excludes": ["__pycache__", "*.pyc"]}
-
-
-def _flag(name: str, default: str = "") -> bool:
-    return os.environ.get(name, default).lower() in ("1", "true", "yes")
 
 
 def worker_env(api_url: str | None, s3_endpoint_url: str | None = None) -> dict[str, str]:
@@ -71,10 +68,6 @@ def worker_env(api_url: str | None, s3_endpoint_url: str | None = None) -> dict[
         env["PREFECT_API_URL"] = api_url.rstrip("/")
     if s3_endpoint_url:
         env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
-    if prestart_mode := os.environ.get("DETECTFLOW_PRESTART"):
-        # The flow prestarts, the detect task (on any worker) gives the actors their runtime
-        # env: both must read the same setting (detectflow.prestart).
-        env["DETECTFLOW_PRESTART"] = prestart_mode
     return env
 
 
@@ -83,27 +76,20 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-# Set in the workers of a local Ray this process starts. Its shutdown kills them before
-# Prefect's 2-second log batches leave (measured: validate_sample's, write_parquet's and most of
-# detect's logs lost), while a cluster's raylet ends a finished job's workers gracefully and their
-# exit flushes the logs (measured: none lost). See ``orchestration.LazyRayTaskRunner``.
-FLUSH_LOGS = "DETECTFLOW_FLUSH_TASK_LOGS"
-
-
-def connect(address: str | None, env: dict[str, str]):
+def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
+            dashboard: bool = False):
     """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray) unless this
     process is connected already. Ray's context when it connected here (and so must disconnect),
     else None.
 
     ``env`` becomes the job's ``runtime_env`` (every worker, and the Ray Data tasks and actors
-    started from them, inherit it). ``DETECTFLOW_WARM_WORKERS`` (default 1) workers start
-    importing our code at once.
+    started from them, inherit it), and one worker starts importing our code at once.
     """
     if ray.is_initialized():
         return None
     runtime_env: dict[str, Any] = {"env_vars": env}
     if existing := existing_cluster_address(address):
-        runtime_env |= code_runtime_env()
+        runtime_env |= code_runtime_env(ship_code)
         log.info("connecting to Ray at %s", existing)
         try:
             context = ray.init(address=existing, runtime_env=runtime_env,
@@ -115,40 +101,24 @@ def connect(address: str | None, env: dict[str, str]):
                 "RAY_AUTH_MODE=token with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
             ) from None
     else:
-        # "local": a new Ray of our own, never a `ray start` cluster found on this machine.
-        # Without its dashboard (~4 s of CPU at start-up on 2 cores, measured) unless asked for.
-        # Nor with Ray's prestarted default workers, nor two one-second waits (``raystart``).
-        # Its workers die with it, so each task sends its logs before returning (FLUSH_LOGS).
-        runtime_env["env_vars"] = env | {FLUSH_LOGS: "1"}
-        with raystart.prompt_node_lookup():
-            context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
-                               include_dashboard=_flag("DETECTFLOW_RAY_DASHBOARD"),
-                               _system_config=dict(raystart.SYSTEM_CONFIG))  # Ray adds to it
-    warm_workers(int(os.environ.get("DETECTFLOW_WARM_WORKERS", "1")))
+        # "local": a new Ray of our own, never a `ray start` cluster found on this machine;
+        # without its dashboard unless asked for (seconds of CPU at start-up on a small machine).
+        # Its workers die with it, so tasks send their logs before returning where that
+        # shortcut applies (workarounds.task_logs).
+        runtime_env["env_vars"] = env | {workarounds.FLUSH_LOGS: "1"}
+        context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
+                           include_dashboard=dashboard)
+    warm_workers(WARM_WORKERS)
     return context
 
 
 def shutdown() -> None:
-    """``ray.shutdown()``, less the second it spends on Ray's autoscaler monitor.
+    """``ray.shutdown()``; for a local Ray, its autoscaler monitor first where that shortcut
+    applies (``workarounds.ray_shutdown``). A cluster we merely joined keeps all its processes."""
+    if workarounds.applies("ray_shutdown"):
+        from detectflow.workarounds.ray_shutdown import stop_monitor
 
-    Ray stops a local cluster's processes one at a time, raylet and GCS first, giving each a
-    SIGTERM and one second. The monitor's SIGTERM handler then reports its "failure" to the GCS
-    that is already gone, so it always takes the whole second before Ray kills it (measured
-    1.01 s of a 1.35 s shutdown, Ray 2.60). The monitor only scales a cluster, and a local one
-    never scales: it is killed first, the rest stop as Ray stops them. Only for a Ray that this
-    process started; a cluster we merely joined keeps all its processes.
-    """
-    try:
-        from ray._private import ray_constants, worker
-
-        node = worker._global_node
-        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node else []
-        for info in monitors:
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
-    except Exception:  # Ray's internals moved: its own shutdown still stops everything
-        log.debug("could not stop Ray's autoscaler monitor early", exc_info=True)
+        stop_monitor()
     _warming.clear()
     ray.shutdown()
 
@@ -169,8 +139,6 @@ def _import(modules: tuple[str, ...], freeze: bool = True) -> None:
 def _import_later() -> None:
     try:
         _import(LATER_MODULES, freeze=False)  # the worker runs a task meanwhile
-        if prestart.helpers_early(ray.cluster_resources().get("CPU", 0), alive_nodes()):
-            prestart.start_ray_data_helpers()
     except Exception:  # the task that needs it imports it again and reports the error
         log.debug("a background import failed", exc_info=True)
 

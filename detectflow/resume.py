@@ -9,7 +9,6 @@ computed again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -19,21 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detectflow import storage
-from detectflow.config import RunConfig
-
-
-def fingerprint(cfg: RunConfig, weights_sha256: str = "") -> str:
-    """What a staged row depends on besides its image. The weights count by content (their
-    sha256), so weights overwritten at the same path between attempts invalidate staged shards."""
-    key = {"model": cfg.model, "weights": cfg.weights, "weights_sha256": weights_sha256,
-           "score_threshold": cfg.score_threshold, "max_image_side": cfg.max_image_side,
-           "run_id": cfg.run_id, "precision": cfg.precision}
-    if cfg.gpu_decode:  # only when set: shards staged before the option existed stay valid
-        key["gpu_decode"] = True
-    for option in ("channels_last", "fold_batchnorm"):  # as chosen; None: the device's default
-        if (value := getattr(cfg, option)) is not None:
-            key[option] = value
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def staged_uri(staging_uri: str, shard: int, suffix: str = "parquet") -> str:

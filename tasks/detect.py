@@ -6,6 +6,7 @@ import ray
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from detectflow import workarounds
 from detectflow.config import RunConfig
 from detectflow.orchestration import alive_nodes
 from detectflow.pipeline import plan_resources, run_detection
@@ -40,7 +41,7 @@ def detect(cfg: RunConfig, listing: dict, weights: dict) -> dict:
     paths = run_paths(cfg.run_uri)
     stats = run_detection(
         cfg, listing["listing_uri"], paths["staged"], listing["images"], plan, on_progress,
-        weights_sha256=weights["sha256"],
+        weights_sha256=weights["sha256"], actor_env=workarounds.actor_runtime_env(),
     )
     if stats.shards_reused:
         logger.info("resumed: reused %d staged shard(s) (%d images); inferred %d images",

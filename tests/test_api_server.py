@@ -13,8 +13,8 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from settle import settled
 
-from detectflow.api_server import TemporaryApiServer, listening_socket
 from detectflow.errors import DetectflowError
+from detectflow.workarounds.api_server import TemporaryApiServer, listening_socket
 
 
 def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkeypatch):
@@ -105,7 +105,7 @@ def test_a_server_that_cannot_start_fails_with_its_own_last_line(monkeypatch):
 def test_stops_when_the_run_that_started_it_is_killed(tmp_path):
     """A run killed with SIGKILL (no atexit hook runs) leaves no server behind: it reads its
     lifeline until the run is gone, then stops as on SIGTERM."""
-    code = ("import json; from detectflow.api_server import TemporaryApiServer; "
+    code = ("import json; from detectflow.workarounds.api_server import TemporaryApiServer; "
             "s = TemporaryApiServer(); s.wait(120); "
             "print(json.dumps({'pid': s.process.pid}), flush=True); import time; time.sleep(600)")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path)}

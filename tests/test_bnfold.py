@@ -14,9 +14,8 @@ from parity import assert_same_detections
 
 from detectflow import bnfold, models
 from detectflow.cli import build_parser
-from detectflow.config import RunConfig
+from detectflow.config import RunConfig, fingerprint
 from detectflow.predictor import Detector, decode_batch, model_tuning
-from detectflow.resume import fingerprint
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
@@ -119,7 +118,8 @@ def test_the_defaults_depend_on_the_device():
 def test_the_option_reaches_the_config_and_keys_staged_shards(tmp_path):
     assert build_parser().parse_args(["run", "--fold-batchnorm"]).fold_batchnorm is True
     assert build_parser().parse_args(["run", "--no-channels-last"]).channels_last is False
-    assert build_parser().parse_args(["run"]).fold_batchnorm is None
+    assert "fold_batchnorm" not in vars(build_parser().parse_args(["run"]))  # field default
+    assert RunConfig().fold_batchnorm is None
     auto = RunConfig(output_uri=str(tmp_path), run_id="r")
     folded = RunConfig(output_uri=str(tmp_path), run_id="r", fold_batchnorm=True)
     plain = RunConfig(output_uri=str(tmp_path), run_id="r", fold_batchnorm=False)

@@ -2,12 +2,17 @@
 
 import contextlib
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
+from parity import assert_same_detections
+
+from detectflow.cli import options_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "detectflow"]
@@ -50,15 +55,20 @@ def test_bad_parameter_is_refused_with_the_field_name(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weights):
-    out = tmp_path / "out"
+def _run(tmp_path: Path, out: Path, weights: Path, **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         CLI + ["run", "--input", str(ROOT / "data" / "sample_images"), "--output", str(out),
-               "--model", SMALL, "--weights", str(small_weights), "--limit", "2",
+               "--model", SMALL, "--weights", str(weights), "--limit", "2",
                "--score-threshold", "0.3", "--run-id", "cli-run"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=_env(tmp_path) | env, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weights):
+    out = tmp_path / "out"
+    proc = _run(tmp_path, out, small_weights)
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == str(out / "cli-run")
     summary = "\n".join(lines[-25:])
@@ -72,3 +82,35 @@ def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weight
     events = _stored_events(tmp_path / "prefect-home")
     assert events.get("prefect.flow-run.Running") == 1, events  # the run reported to its API...
     assert "prefect.flow-run.heartbeat" not in events, events  # ...which dies with it: no beats
+
+    # Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
+    # plain torchvision import, Ray's own shutdown; the same detections.
+    (tmp_path / "plain").mkdir()
+    plain = _run(tmp_path / "plain", tmp_path / "plain-out", small_weights,
+                 DETECTFLOW_TEST_WORKAROUNDS="off")
+    assert plain.stdout.strip().splitlines()[-1] == str(tmp_path / "plain-out" / "cli-run")
+    rows = table.sort_by("image_uri").to_pylist()
+    again = pq.read_table(tmp_path / "plain-out" / "cli-run" / "detections" / "part-00000.parquet")
+    for row, other in zip(rows, again.sort_by("image_uri").to_pylist(), strict=True):
+        assert row["image_uri"] == other["image_uri"] and len(row["boxes"]) > 0
+        assert_same_detections(other, {"boxes": torch.tensor(row["boxes"]).reshape(-1, 4),
+                                       "scores": torch.tensor(row["scores"]),
+                                       "labels": torch.tensor(row["labels"])})
+
+
+def test_readme_lists_every_option_that_help_prints():
+    """README's option table is generated from RunConfig like `--help`; after a field changes,
+    paste ``python -c 'from detectflow.cli import options_table; print(options_table())'``."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- options: generated")
+    table = readme[readme.index("\n", start) + 1:readme.index("<!-- end options -->")].strip()
+    assert table == options_table()
+    help_text = subprocess.run(CLI + ["run", "--help"], capture_output=True, text=True, cwd=ROOT,
+                               env=os.environ | {"COLUMNS": "200"}, timeout=60).stdout
+    flags = {part.split()[0] for line in help_text.splitlines() if line.startswith("  --")
+             for part in line.strip().split("  ")[0].split(", ")} - {"--help"}
+    listed = set()
+    for flag in re.findall(r"`(--[^\s`]+)", table):
+        listed |= {flag.replace("[no-]", ""), flag.replace("[no-]", "no-")}
+    assert flags == listed
+    assert len(flags) >= 31

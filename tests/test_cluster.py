@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 from ray_nodes import LocalCluster, cmdline
 from settle import completed_task_runs
 
-from detectflow.config import RunConfig
+from detectflow.config import RunConfig, parse_config
 from detectflow.errors import ConfigError, InputError, OutputError
 from detectflow.orchestration import code_runtime_env, existing_cluster_address
 from detectflow.pipeline import plan_resources
@@ -114,21 +114,21 @@ def test_plan_takes_a_fixed_or_min_max_pool_when_given():
 def test_local_paths_are_refused_only_on_a_multi_node_cluster(tmp_path):
     local = RunConfig(input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"),
                       weights=str(tmp_path / "w.pth"))
-    require_shared_storage(local, nodes=1, shared_paths=())  # one node: its disk is shared
+    require_shared_storage(local, nodes=1)  # one node: its disk is shared
     with pytest.raises(InputError) as err:
-        require_shared_storage(local, nodes=2, shared_paths=())
+        require_shared_storage(local, nodes=2)
     assert str(err.value).startswith(
         f"input {tmp_path / 'in'} is a local path but the Ray cluster has 2 nodes; "
         "use shared storage or s3://")
     s3_in = local.model_copy(update={"input_uri": "s3://b/in"})
     with pytest.raises(OutputError, match="output .* is a local path"):
-        require_shared_storage(s3_in, nodes=3, shared_paths=())
+        require_shared_storage(s3_in, nodes=3)
     s3_io = s3_in.model_copy(update={"output_uri": "s3://b/out"})
     with pytest.raises(ConfigError, match="weights .* is a local path"):
-        require_shared_storage(s3_io, nodes=2, shared_paths=())
-    require_shared_storage(s3_io.model_copy(update={"weights": "s3://b/w.pth"}), nodes=2,
-                           shared_paths=())
-    require_shared_storage(local, nodes=2, shared_paths=(str(tmp_path),))  # e.g. an NFS mount
+        require_shared_storage(s3_io, nodes=2)
+    require_shared_storage(s3_io.model_copy(update={"weights": "s3://b/w.pth"}), nodes=2)
+    shared = parse_config(**local.model_dump() | {"shared_paths": f"{tmp_path},/mnt/other"})
+    require_shared_storage(shared, nodes=2)  # e.g. an NFS mount, given as --shared-paths
 
 
 def test_code_ships_to_existing_clusters_unless_turned_off(monkeypatch):
@@ -143,8 +143,7 @@ def test_code_ships_to_existing_clusters_unless_turned_off(monkeypatch):
     assert existing_cluster_address(None) == "ray://head:10001"
     assert code_runtime_env()["py_modules"] == [
         os.path.dirname(m.__file__) for m in (detectflow, tasks, flows)]
-    monkeypatch.setenv("DETECTFLOW_SHIP_CODE", "0")
-    assert code_runtime_env() == {}
+    assert code_runtime_env(ship=False) == {}  # the ship_code field off
 
 
 def test_cluster_configs_match_the_pinned_stack_and_ask_for_gpus():
@@ -314,7 +313,7 @@ def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefe
     assert proc.stderr.strip().splitlines()[-1] == (
         f"detectflow: run local-input failed: InputError: input {sample_dir} is a local path "
         "but the Ray cluster has 2 nodes; use shared storage or s3:// (or list a folder mounted "
-        "on every node in DETECTFLOW_SHARED_PATHS)")
+        "on every node in shared_paths)")
     assert len(cluster.alive_nodes()) == 2  # refusing did not touch the cluster
 
 

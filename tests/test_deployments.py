@@ -20,6 +20,8 @@ from conftest import free_port
 from ray_nodes import cmdline
 from settle import settled
 
+from detectflow.config import RunConfig, knob
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -245,6 +247,27 @@ def test_triggered_run_completes_every_stage_and_publishes(server, worker_run, s
     assert latest["manifest_uri"] == str(worker_run["run_dir"] / "manifest.json")
 
 
+def test_every_config_field_is_an_option_a_form_field_and_in_the_manifest(deployed, worker_run):
+    """RunConfig is the one declaration: each field is a `detectflow run` option, a field of the
+    run form as the Prefect API stores it (described, with its default), and in the manifest."""
+    help_text = subprocess.run([sys.executable, "-m", "detectflow", "run", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60,
+                               env=os.environ | {"COLUMNS": "200"}).stdout
+    props = deployed["on-demand"]["parameter_openapi_schema"]["properties"]
+    manifest = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
+    for name, field in RunConfig.model_fields.items():
+        flag = knob(field).flag or "--" + name.replace("_", "-")
+        assert f"  {flag} " in help_text or f"  {flag}," in help_text, flag
+        assert props[name]["description"] == field.description, name
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        assert props[name].get("default") == default, name
+        assert name in manifest["parameters"], name
+    assert set(props) == set(RunConfig.model_fields) == set(manifest["parameters"])
+    # The deployment sets only its input and output; the rest are the code's defaults.
+    assert deployed["on-demand"]["parameters"] == {"input_uri": "data/sample_images",
+                                                   "output_uri": "output"}
+
+
 def test_published_event_is_recorded_for_automations(server, worker_run):
     deadline = time.monotonic() + 60
     while True:
@@ -266,8 +289,8 @@ def test_published_event_is_recorded_for_automations(server, worker_run):
 
 def _chromium() -> str | None:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None and os.environ.get("DETECTFLOW_REQUIRE_BROWSER"):
-        pytest.fail("chromium is required (DETECTFLOW_REQUIRE_BROWSER is set) but not installed")
+    if path is None and os.environ.get("DETECTFLOW_TEST_REQUIRE_BROWSER"):
+        pytest.fail("chromium is required (DETECTFLOW_TEST_REQUIRE_BROWSER is set) but not installed")
     return path
 
 

@@ -67,38 +67,3 @@ def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
     assert imported is True
     assert collecting is True
     assert frozen > 10_000
-
-
-def test_a_local_ray_starts_without_its_one_second_waits():
-    """``raystart``: the node lookup of ``ray.init`` is swapped only while it runs, the node
-    table answers for the new node at once (and not for an unknown one, whose lookup then fails
-    the way Ray's own does), and the raylet got the socket retries in 20 ms steps."""
-    out = run_fresh("""
-        import json, ray
-        from ray._private import services
-        from detectflow import raycluster, raystart
-        original = services.get_node
-        raycluster.connect(None, {})
-        node = ray._private.worker._global_node
-        found = raystart.wait_registered(node.gcs_address, node.node_id)
-        unknown = raystart.wait_registered(node.gcs_address, "ab" * 28, timeout=0.3)
-        config = ray._private.state.state.get_system_config()
-        raystart.RAYLET_START_WAIT_S = 0.3  # a node that never registers: Ray's own error
-        try:
-            with raystart.prompt_node_lookup():
-                services.get_node(node.gcs_address, "ab" * 28)
-            missing = "returned"
-        except RuntimeError as exc:
-            missing = str(exc)
-        print(json.dumps({"restored": services.get_node is original, "found": found,
-                          "unknown": unknown, "missing": missing,
-                          "config": {k: config.get(k) for k in raystart.SYSTEM_CONFIG}}))
-        raycluster.shutdown()
-        """, timeout=180)
-    assert out["restored"] is True
-    assert out["found"] is True
-    assert out["unknown"] is False
-    assert "has not registered" in out["missing"]
-    assert out["config"] == {"prestart_worker_first_driver": False,
-                             "raylet_client_connect_timeout_milliseconds": 20,
-                             "raylet_client_num_connect_attempts": 500}

@@ -2,7 +2,7 @@
 the process dying before the commit point, an interrupted run resumed, two runs in one prefix.
 
 Crashes are real SIGKILLs of a `detectflow run` process tree; a failpoint
-(``DETECTFLOW_FAILPOINT``) only freezes the run at a known step so the kill lands there.
+(``DETECTFLOW_TEST_FAILPOINT``) only freezes the run at a known step so the kill lands there.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ class CrashingRun:
     def __init__(self, tmp_path: Path, args: list[str], failpoint: str) -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-        env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DETECTFLOW_FAILPOINT=failpoint)
+        env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DETECTFLOW_TEST_FAILPOINT=failpoint)
         self.log = tmp_path / "run.log"
         self.failpoint = failpoint
         with open(self.log, "wb") as log:
@@ -314,10 +314,10 @@ def test_resume_reuses_verified_shards_and_infers_only_the_rest(tmp_path, photos
 
 
 def _staged_folder_with_sidecars(staging: str, shards=(0, 2, 11)) -> None:
-    from detectflow.config import RunConfig
+    from detectflow.config import RunConfig, fingerprint
     from detectflow.schema import detection_row, rows_to_table
 
-    key = resume.fingerprint(RunConfig(model=SMALL, run_id="unit", output_uri="/tmp"))
+    key = fingerprint(RunConfig(model=SMALL, run_id="unit", output_uri="/tmp"))
     for shard in shards:
         table = rows_to_table([detection_row(image_uri=f"/x/{shard}.jpg", index=shard,
                                              shard=shard, width=4, height=4, model=SMALL,
@@ -343,18 +343,18 @@ def test_only_shards_with_a_sidecar_are_read_back(tmp_path, where, request):
 
 
 def test_staged_shard_is_reused_only_when_complete_and_current(tmp_path):
-    from detectflow.config import RunConfig
+    from detectflow.config import RunConfig, fingerprint
     from detectflow.schema import detection_row, rows_to_table
 
     cfg = RunConfig(model=SMALL, run_id="unit", output_uri=str(tmp_path))
-    key = resume.fingerprint(cfg)
+    key = fingerprint(cfg)
     table = rows_to_table([detection_row(image_uri=f"/x/{i}.jpg", index=i, shard=0, width=4,
                                          height=4, model=SMALL, run_id="unit") for i in range(3)])
     staging = str(tmp_path / "staged")
     entry = resume.write_staged(staging, 0, table, "listing-sha", key)
     found = resume.load_staged(staging, 0, 3, "listing-sha", key)
     assert found is not None and found[0] == entry and found[1].equals(table)
-    other = resume.fingerprint(cfg.model_copy(update={"score_threshold": 0.9}))
+    other = fingerprint(cfg.model_copy(update={"score_threshold": 0.9}))
     assert resume.load_staged(staging, 0, 3, "listing-sha", other) is None  # other settings
     assert resume.load_staged(staging, 0, 3, "other-listing", key) is None  # other images
     assert resume.load_staged(staging, 0, 4, "listing-sha", key) is None  # other row count

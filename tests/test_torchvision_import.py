@@ -10,29 +10,44 @@ from fresh import run_fresh
 
 def test_an_actor_detects_without_loading_dynamo_which_stays_importable(small_weights,
                                                                           sample_dir):
+    """Through Ray's setup hook, as the detect stage starts its actors."""
     image = sorted(sample_dir.glob("*.jpg"))[0]
     out = run_fresh(f"""
-        import json, sys
-        import torch
-        from detectflow import imaging
-        from detectflow.predictor import Detector
-        detector = Detector("fasterrcnn_mobilenet_v3_large_320_fpn", {str(small_weights)!r}, 0.5,
-                            "run", device="cpu")
-        pixels = torch.from_numpy(imaging.decode(open({str(image)!r}, "rb").read()))
-        found = detector.predict([pixels])[0]
-        dynamo_loaded = "torch._dynamo" in sys.modules
-        roi = sys.modules["torchvision.ops.roi_align"]
-        deferred = roi.is_compile_supported("cpu")  # loads the real function on first call
-        import torch._dynamo.utils as real_utils
-        compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2))
-        print(json.dumps({{
-            "dynamo_loaded": dynamo_loaded, "boxes": len(found["boxes"]),
-            "deferred": deferred, "real": real_utils.is_compile_supported("cpu"),
-            "real_file": bool(getattr(real_utils, "__file__", None)),
-            "dynamo_file": bool(getattr(sys.modules["torch._dynamo"], "__file__", None)),
-            "compiled": compiled.tolist(),
-        }}))
-    """)
+        import json, ray
+        from detectflow import workarounds
+
+        @ray.remote(num_cpus=1)
+        class Probe:
+            def run(self):
+                import sys
+                import torch
+                from detectflow import imaging
+                from detectflow.predictor import Detector
+                detector = Detector("fasterrcnn_mobilenet_v3_large_320_fpn",
+                                    {str(small_weights)!r}, 0.5, "run", device="cpu")
+                pixels = torch.from_numpy(imaging.decode(open({str(image)!r}, "rb").read()))
+                found = detector.predict([pixels])[0]
+                dynamo_loaded = "torch._dynamo" in sys.modules
+                roi = sys.modules["torchvision.ops.roi_align"]
+                deferred = roi.is_compile_supported("cpu")  # loads the real function on first call
+                import torch._dynamo.utils as real_utils
+                compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2))
+                return {{
+                    "dynamo_loaded": dynamo_loaded, "boxes": len(found["boxes"]),
+                    "deferred": deferred, "real": real_utils.is_compile_supported("cpu"),
+                    "real_file": bool(getattr(real_utils, "__file__", None)),
+                    "dynamo_file": bool(getattr(sys.modules["torch._dynamo"], "__file__", None)),
+                    "compiled": compiled.tolist(),
+                }}
+
+        ray.init(num_cpus=1, include_dashboard=False)
+        env = workarounds.actor_runtime_env()
+        probe = Probe.options(runtime_env=env).remote()
+        print(json.dumps({{**ray.get(probe.run.remote()), "env": env}}))
+        ray.shutdown()
+    """, timeout=240)
+    assert list(out["env"]["env_vars"].values()) == [
+        "detectflow.workarounds.torchvision_import.preload"]
     assert out["dynamo_loaded"] is False
     assert out["boxes"] > 0  # the bundled photos all hold COCO objects the weights find
     assert out["deferred"] == out["real"]
@@ -47,7 +62,7 @@ def test_reaching_past_a_placeholder_loads_the_real_module(reach):
     out = run_fresh(f"""
         import json, sys
         import torch
-        from detectflow.torchvision_import import _Placeholder
+        from detectflow.workarounds.torchvision_import import _Placeholder
         holder = _Placeholder("torch._dynamo", True)
         sys.modules["torch._dynamo"] = holder
         {reach}
@@ -65,7 +80,7 @@ def test_an_earlier_plain_import_is_kept(first):
         import json, sys
         {first}
         before = sys.modules.get("torch._dynamo")
-        from detectflow.torchvision_import import import_torchvision
+        from detectflow.workarounds.torchvision_import import import_torchvision
         import_torchvision()
         print(json.dumps({{"kept": sys.modules.get("torch._dynamo") is before,
                           "tv": "torchvision" in sys.modules}}))

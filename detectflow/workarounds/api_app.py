@@ -9,7 +9,7 @@ import threading
 
 from detectflow.gcpause import collection_paused
 
-LIFELINE_ENV = "DETECTFLOW_API_LIFELINE_FD"  # set by ``api_server.TemporaryApiServer``
+LIFELINE_ENV = "DETECTFLOW_API_LIFELINE_FD"  # set by ``workarounds.api_server.TemporaryApiServer``
 
 
 def create_app():

@@ -19,8 +19,8 @@ import tempfile
 import time
 import urllib.request
 
-from detectflow.api_app import LIFELINE_ENV
 from detectflow.errors import DetectflowError
+from detectflow.workarounds.api_app import LIFELINE_ENV
 
 # Prefect's ephemeral server: no UI, the services of an ephemeral server only. No block type
 # registration: a run uses no blocks, and on a fresh PREFECT_HOME (a new container) it took
@@ -72,7 +72,7 @@ class TemporaryApiServer:
             try:
                 self.process = subprocess.Popen(
                     [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
-                     "detectflow.api_app:create_app", "--fd", str(sock.fileno()),
+                     "detectflow.workarounds.api_app:create_app", "--fd", str(sock.fileno()),
                      "--log-level", "error", "--lifespan", "on"],
                     env={**os.environ, **_EPHEMERAL_ENV, LIFELINE_ENV: str(lifeline)},
                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -3,8 +3,8 @@
 torchvision's ``ops/roi_align.py`` runs ``from torch._dynamo.utils import is_compile_supported``
 at import time, for a fallback used only when torchvision's compiled ops are missing. That one
 line loads TorchDynamo (and sympy, FSDP, ...): 1.9 of torchvision's 2.2 s import on our CPUs,
-paid by every new actor process before its first batch (benchmarks/RESULTS.md, "Where the ~10 s
-before the first batch go"). The detection models never compile anything.
+paid by every new actor process before its first batch (benchmarks/RESULTS.md, "The GPU's first
+seconds"). The detection models never compile anything.
 
 So while torchvision imports, ``torch._dynamo`` and ``torch._dynamo.utils`` are placeholders:
 ``is_compile_supported`` imports the real function when first called, and any other name read
@@ -16,6 +16,7 @@ Should the deferred import fail in any way, torchvision is imported the plain wa
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import threading
 import types
@@ -76,3 +77,13 @@ def import_torchvision() -> types.ModuleType:
                 if isinstance(sys.modules.get(name), _Placeholder):
                     del sys.modules[name]
         return importlib.import_module("torchvision")
+
+
+def preload() -> None:
+    """The inference actors' worker setup hook (``workarounds.actor_runtime_env``). It never
+    raises: a failure here would kill the worker, and the actor's own import reports it."""
+    try:
+        import_torchvision()
+    except Exception:  # noqa: BLE001
+        logging.getLogger(__name__).warning("detectflow: the fast torchvision import failed; "
+                                            "the actor imports it plainly", exc_info=True)
