@@ -1,13 +1,11 @@
 """glibc's malloc tuned for a CPU inference process: freed activations are kept for the next batch.
 
-By default glibc serves each large block (an activation tensor, 1-30 MiB for the small model at
-batch 4) with a fresh ``mmap`` and gives it back to the kernel on free, so every batch faults
-in its activations page by page again, and trims the heap's top after each batch. With a 32 MiB
-mmap threshold (glibc's maximum), a 1 GiB trim threshold and a 256 MiB top pad, blocks come from
-the heap and are reused: the small model's bare loop ran 1.15x faster on one core, the model as
-built 1.24x, a decode task's Pillow decoding 1.38x (benchmarks/RESULTS.md, CPU lever log). Peak
-memory is the same working set, held instead of returned between batches; blocks over 32 MiB
-still go straight to the kernel.
+By default glibc serves each large block (an activation tensor) with a fresh ``mmap`` and gives
+it back to the kernel on free, so every batch faults in its activations page by page again, and
+trims the heap's top after each batch. With glibc's largest mmap threshold and generous trim
+and top-pad settings, blocks come from the heap and are reused (the gain: benchmarks/RESULTS.md,
+lever log). Peak memory is the same working set, held instead of returned between batches;
+blocks over the threshold still go straight to the kernel.
 """
 
 from __future__ import annotations

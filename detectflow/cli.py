@@ -219,9 +219,8 @@ def _import_flow(server):
     ``server`` (None when the user's Prefect profile already names an API, which is used).
 
     Against our own temporary server the flow sends no heartbeats: they exist so that a server
-    can mark a run Crashed when its process dies, and this server dies with the process. They
-    cost time too: Prefect's heartbeat thread sleeps in whole seconds and the flow joins it at
-    the end (0.9 s measured at the end of a run).
+    can mark a run Crashed when its process dies, and this server dies with the process; and
+    Prefect's heartbeat thread sleeps in whole seconds, which the flow waits out at its end.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -239,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The temporary API server's telemetry heartbeat races the flow for its SQLite database.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Without a configured API, Prefect starts a temporary server and waits 20 s for it; a busy
-    # 2-core machine can need longer (measured: CI timed out at 20 s).
+    # 2-core machine can need longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
@@ -255,8 +254,8 @@ def entry() -> None:
     """The ``detectflow`` command (and ``python -m detectflow``): ``main``, then a quick exit.
 
     Once every exit hook has run (Prefect's have sent the last logs, the temporary API server
-    is stopped), what is left is the interpreter tearing down torch, Ray and Prefect's modules:
-    measured 2.6 s on 2 cores, for nothing. The hook registered first runs last, so it can
+    is stopped), what is left is the interpreter tearing down torch, Ray and Prefect's modules,
+    seconds for nothing (benchmarks/RESULTS.md, lever log). The hook registered first runs last, so it can
     flush and ``os._exit`` with main's code. ``main`` alone (as tests call it) exits normally.
     """
     import logging

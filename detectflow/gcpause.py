@@ -2,12 +2,10 @@
 
 Importing Prefect's server, ``ray.data`` or torch allocates hundreds of thousands of objects,
 nearly all of them for good, yet CPython's collector keeps running full passes over the growing
-heap: measured here, 17% of the CPU of ``import prefect.server.api.server`` and 23% of ``import
-torch``. Every process of a run's start-up does such imports at once on a small machine
+heap, a fifth of such an import's CPU (benchmarks/RESULTS.md, lever log). Every process of a run's start-up does such imports at once on a small machine
 (benchmarks/RESULTS.md). On leaving the pause, one collection of the youngest generation (where
 everything allocated during the pause still is) frees the cycles the imports left: torch.fx
-keeps an import's frames in a cycle, which held an actor's whole loaded state dict (74 MiB for
-the small model). Then ``gc.freeze()`` moves what survived to the permanent generation, so
+keeps an import's frames in a cycle, which held an actor's whole loaded state dict. Then ``gc.freeze()`` moves what survived to the permanent generation, so
 later collections do not walk it again (the pattern CPython documents for ``gc.freeze``), and
 the collector is back on as before.
 """

@@ -5,8 +5,8 @@ costs a quarter of the float32 tensors the reference recipe ships (twice).
 
 Decoding is Pillow's (libjpeg-turbo, libpng, libwebp...) into numpy, without torch: the decode
 tasks and the Prefect task workers never import torch, which costs seconds of CPU and hundreds
-of MiB per process (benchmarks/RESULTS.md, Start-up). Measured on the benchmark's JPEGs: the
-same pixels as torchvision's ``decode_image``, 2 ms vs 1.7 ms per 640x480 image.
+of MiB per process (benchmarks/RESULTS.md, Start-up); the pixels are the same as torchvision's
+``decode_image``.
 """
 
 from __future__ import annotations
@@ -140,9 +140,8 @@ def rescale_boxes(
 
 
 def encode_png(image: PILImage.Image) -> bytes:
-    """Lossless, at zlib level 1: a 640x480 sample encodes in 23 ms instead of 149 ms at
-    Pillow's default level 6, for 9% more bytes (measured here); the samples sit on the path
-    between detect and publish."""
+    """Lossless, at zlib level 1: several times faster than Pillow's default level for a few
+    percent more bytes, and the samples sit on the path between detect and publish."""
     out = io.BytesIO()
     image.save(out, format="PNG", compress_level=1)
     return out.getvalue()

@@ -163,11 +163,11 @@ def weights_left_unfilled():
     """Make ``torch.nn.init``'s fill functions no-ops while a model is built.
 
     torchvision's builders fill every weight at random only for ``load_model`` to overwrite each
-    one: 0.44-0.51 s of an actor's start for the default model, 0.16 s for the small one (one CPU
-    thread; 0.015 s without). The pattern of transformers' ``no_init_weights``; safe because
+    one, a share of an actor's start (benchmarks/RESULTS.md, lever log). The pattern of
+    transformers' ``no_init_weights``; safe because
     ``load_model`` refuses weights that leave any parameter or buffer out. Building on the meta
     device would do the same, but entering it loads TorchDynamo (seconds, see RESULTS.md).
-    The patch is process-wide for the ~15 ms of the build: an actor builds before it takes work.
+    The patch is process-wide for the build's duration: an actor builds before it takes work.
     """
     import torch.nn.init as init
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -153,8 +153,8 @@ def object_store_budget(cfg: RunConfig, actors: int, store: float | None) -> int
     """Bytes of Ray's object store the detect dataset may fill.
 
     Ray Data's default budget is a share of the whole store (GBs on a big node), and decoding is
-    far faster than inference, so decoded pixels pile up until that share is full: measured 85
-    MiB at 96 images but 788 MiB at 960 (benchmarks/RESULTS.md). A budget that keeps a few
+    far faster than inference, so decoded pixels pile up until that share is full, growing with
+    the number of images (benchmarks/RESULTS.md, memory). A budget that keeps a few
     batches ready per actor bounds memory whatever the number of images. Ray Data still runs
     one task at a time when a single block is larger than the budget (a huge image), it never
     stalls. ``object_store_mib`` overrides; 0 leaves Ray's default.
@@ -191,6 +191,7 @@ class DetectStats:
     shards_reused: int = 0  # staged by an earlier, interrupted attempt and verified
     images_reused: int = 0
     images_inferred: int = 0  # rows that came out of the inference actors in this attempt
+    plan: ResourcePlan | None = None
 
     def add(self, table: pa.Table) -> None:
         self.images += table.num_rows
@@ -204,13 +205,6 @@ class DetectStats:
         if len(self.failures) < MAX_LISTED_FAILURES:
             bad = table.filter(failed_mask).select(["image_uri", "error"]).to_pylist()
             self.failures.extend(bad[: MAX_LISTED_FAILURES - len(self.failures)])
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["per_class"] = dict(sorted(self.per_class.items(), key=lambda kv: (-kv[1], kv[0])))
-        rate = self.images_inferred / self.seconds if self.seconds else None  # reused shards: free
-        out["images_per_second"] = round(rate, 3) if rate is not None else None
-        return out
 
 
 class ShardWriter:
@@ -371,7 +365,7 @@ def run_detection(
     key = fingerprint(cfg, weights_sha256)
     writer = ShardWriter(staging_uri, {f["shard"]: f["rows"] for f in shards},
                          {f["shard"]: f["sha256"] for f in shards}, key)
-    stats = DetectStats()
+    stats = DetectStats(plan=plan)
     start = time.perf_counter()
     reused, todo = [], []
     for f, found in zip(shards, resume.reusable_shards(staging_uri, shards, key)):

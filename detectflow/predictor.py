@@ -153,8 +153,8 @@ def autocast(device: str, precision: str):
 def model_tuning(device: str, channels_last: bool | None = None,
                  fold_batchnorm: bool | None = None) -> tuple[bool, bool]:
     """(channels_last, fold_batchnorm) for a model on ``device``; ``None`` (the default) means
-    on for a CPU, where together they run the model 1.19x (small model) to 1.33x (default model)
-    faster with the same boxes, and off for a GPU, until measured there (benchmarks/RESULTS.md)."""
+    on for a CPU, where together they run the model faster with the same boxes, and off for a
+    GPU, until measured there (benchmarks/RESULTS.md, lever log)."""
     auto = device == "cpu"
     return (auto if channels_last is None else channels_last,
             auto if fold_batchnorm is None else fold_batchnorm)

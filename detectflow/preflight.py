@@ -12,7 +12,7 @@ from detectflow import storage
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError, InputError, OutputError
 from detectflow.listing import require_images
-from detectflow.models import resolve_weights
+from detectflow.models import ResolvedWeights, resolve_weights
 
 
 def check_output(output_uri: str) -> None:
@@ -59,9 +59,9 @@ def require_shared_storage(cfg: RunConfig, nodes: int) -> None:
         raise ConfigError(f"weights {cfg.weights} is a local path {hint}")
 
 
-def preflight(cfg: RunConfig) -> dict[str, str]:
+def preflight(cfg: RunConfig) -> ResolvedWeights:
     """Weights identity once everything needed is known to be there."""
-    weights = resolve_weights(cfg.model, cfg.weights).as_dict()
+    weights = resolve_weights(cfg.model, cfg.weights)
     require_images(cfg.input_uri, cfg.extensions, cfg.output_uri)
     check_output(cfg.output_uri)
     return weights

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from detectflow import __version__, storage
 from detectflow.schema import published
+
+if TYPE_CHECKING:
+    from detectflow.pipeline import DetectStats
 
 MANIFEST = "manifest.json"
 DETECTIONS = "detections"
@@ -99,9 +103,8 @@ def build_manifest(
     run_uri: str,
     parameters: dict[str, Any],
     weights: dict[str, str],
-    plan: dict[str, Any],
     input_count: int,
-    stats: dict[str, Any],
+    stats: DetectStats,
     files: list[dict[str, Any]],
     samples: list[str],
     stage_seconds: dict[str, float],
@@ -116,7 +119,7 @@ def build_manifest(
         "parameters": parameters,
         "model": {"name": parameters["model"], "weights": weights,
                   "precision": parameters.get("precision", "fp32")},
-        "resources": plan,
+        "resources": asdict(stats.plan) if stats.plan else None,
         "input": {"uri": parameters["input_uri"], "count": input_count},
         "output": {
             "format": "parquet",
@@ -125,22 +128,22 @@ def build_manifest(
             "samples": samples,
         },
         "counts": {
-            "images": stats["images"],
-            "succeeded": stats["images"] - stats["failed"],
-            "failed": stats["failed"],
-            "detections": stats["detections"],
-            "per_class": stats["per_class"],
+            "images": stats.images,
+            "succeeded": stats.images - stats.failed,
+            "failed": stats.failed,
+            "detections": stats.detections,
+            "per_class": dict(sorted(stats.per_class.items(), key=lambda kv: (-kv[1], kv[0]))),
         },
-        "failures": stats["failures"],
+        "failures": stats.failures,
         "resume": {  # what an interrupted earlier attempt of this run id had already staged
-            "shards": len(stats.get("staged", [])),
-            "shards_reused": stats.get("shards_reused", 0),
-            "images_reused": stats.get("images_reused", 0),
-            "images_inferred": stats.get("images_inferred", stats["images"]),
+            "shards": len(stats.staged),
+            "shards_reused": stats.shards_reused,
+            "images_reused": stats.images_reused,
+            "images_inferred": stats.images_inferred,
         },
         "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
         # Inference throughput of this attempt: shards reused from an earlier one cost no time.
-        "images_per_second": round(stats.get("images_inferred", stats["images"]) / detect_seconds,
+        "images_per_second": round(stats.images_inferred / detect_seconds,
                                    3) if detect_seconds else None,
         "versions": versions(),
     }

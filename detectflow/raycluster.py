@@ -24,9 +24,8 @@ log = logging.getLogger(__name__)
 # What a worker imports before it can run one of our Prefect tasks: the flow module pulls in
 # Prefect, every task and the pipeline (torch loads only in the inference actors).
 WARM_MODULES = ("flows.detect_objects",)
-# What only the detect task needs (its Ray Data driver, ~1 CPU-s): the warmed worker imports it
-# in a thread once it is ready, while the first tasks run, instead of at the detect stage's start
-# (measured: the detect stage 0.26 s shorter on the means of seven alternating runs).
+# What only the detect task needs (its Ray Data driver): the warmed worker imports it in a thread
+# once it is ready, while the first tasks run, instead of at the detect stage's start.
 LATER_MODULES = ("ray.data",)
 # One warmed worker: a second one measured slower on 2 cores (benchmarks/RESULTS.md, lever log).
 WARM_WORKERS = 1
@@ -159,9 +158,8 @@ def await_warm_workers(timeout: float = 10.0) -> list[int]:
     process ids of those that are.
 
     A worker still importing is busy, so a task submitted meanwhile makes Ray start another,
-    cold worker that imports everything again: measured on 2 cores, the first task then began
-    1.8-1.9 s after the flow instead of 1.0-1.1 s. Waiting for the warm one is never slower
-    than that: a cold worker would do the same imports from the start.
+    cold worker that imports everything again, later than the warm one is ready: a cold worker
+    would do the same imports from the start.
     """
     refs, _warming[:] = list(_warming), []
     if not refs or not ray.is_initialized():

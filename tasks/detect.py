@@ -8,15 +8,17 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from detectflow import workarounds
 from detectflow.config import RunConfig
+from detectflow.models import ResolvedWeights
 from detectflow.orchestration import alive_nodes
-from detectflow.pipeline import plan_resources, run_detection
+from detectflow.pipeline import DetectStats, plan_resources, run_detection
 from detectflow.publish import run_paths
+from detectflow.stages import Listing
 
 PROGRESS_EVERY_S = 5.0
 
 
 @task(name="detect")
-def detect(cfg: RunConfig, listing: dict, weights: dict) -> dict:
+def detect(cfg: RunConfig, listing: Listing, weights: ResolvedWeights) -> DetectStats:
     logger = get_run_logger()
     plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
     logger.info("resource plan: %s", plan.describe())
@@ -40,8 +42,8 @@ def detect(cfg: RunConfig, listing: dict, weights: dict) -> dict:
 
     paths = run_paths(cfg.run_uri)
     stats = run_detection(
-        cfg, listing["listing_uri"], paths["staged"], listing["images"], plan, on_progress,
-        weights_sha256=weights["sha256"], actor_env=workarounds.actor_runtime_env(),
+        cfg, listing.listing_uri, paths["staged"], listing.images, plan, on_progress,
+        weights_sha256=weights.sha256, actor_env=workarounds.actor_runtime_env(),
     )
     if stats.shards_reused:
         logger.info("resumed: reused %d staged shard(s) (%d images); inferred %d images",
@@ -50,4 +52,4 @@ def detect(cfg: RunConfig, listing: dict, weights: dict) -> dict:
         "detected %d boxes on %d images (%d failed) in %.1f s: %.2f images/s",
         stats.detections, stats.images, stats.failed, stats.seconds, stats.images / stats.seconds,
     )
-    return {**stats.as_dict(), "plan": plan.__dict__}
+    return stats

@@ -8,10 +8,11 @@ from detectflow.config import RunConfig
 from detectflow.listing import write_listing
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.publish import run_paths
+from detectflow.stages import Listing
 
 
 @task(name="list_images", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
-def list_images(cfg: RunConfig) -> dict:
+def list_images(cfg: RunConfig) -> Listing:
     start = time.perf_counter()
     listing_uri = run_paths(cfg.run_uri)["listing"]
     counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit,
@@ -24,4 +25,4 @@ def list_images(cfg: RunConfig) -> dict:
     if counts["skipped_samples"]:
         log.info("left out %d sample picture(s) that runs drew under the output %s",
                  counts["skipped_samples"], cfg.output_uri)
-    return {"listing_uri": listing_uri, **counts, "seconds": time.perf_counter() - start}
+    return Listing(listing_uri, seconds=time.perf_counter() - start, **counts)

@@ -7,33 +7,36 @@ from prefect.artifacts import create_link_artifact
 
 from detectflow import failpoints, storage
 from detectflow.config import RunConfig
+from detectflow.models import ResolvedWeights
 from detectflow.orchestration import retry_unless_user_error
+from detectflow.pipeline import DetectStats
 from detectflow.publish import build_manifest, run_paths, write_manifest
+from detectflow.stages import Listing, Sample, Written
 
 
 @task(name="publish_manifest", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
 def publish_manifest(
-    cfg: RunConfig, weights: dict, listing: dict, detected: dict, sample: dict, written: dict
+    cfg: RunConfig, weights: ResolvedWeights, listing: Listing, detected: DetectStats,
+    sample: Sample, written: Written,
 ) -> dict:
     start = time.perf_counter()
     paths = run_paths(cfg.run_uri)
     stage_seconds = {
-        "list_images": listing["seconds"],
-        "detect": detected["seconds"],
-        "validate_sample": sample["seconds"],
-        "write_parquet": written["seconds"],
+        "list_images": listing.seconds,
+        "detect": detected.seconds,
+        "validate_sample": sample.seconds,
+        "write_parquet": written.seconds,
     }
     manifest = build_manifest(
         run_id=cfg.run_id,
         run_uri=cfg.run_uri,
         parameters=cfg.model_dump(mode="json"),
-        weights=weights,
-        plan=detected["plan"],
-        input_count=listing["images"],
+        weights=weights.as_dict(),
+        input_count=listing.images,
         stats=detected,
-        files=written["files"],
-        samples=sample["samples"],
+        files=written.files,
+        samples=sample.samples,
         stage_seconds=stage_seconds,
     )
     failpoints.hit("before-manifest")  # crash tests: outputs written, no commit point yet

@@ -10,17 +10,19 @@ from detectflow import imaging, models, storage
 from detectflow.config import RunConfig
 from detectflow.errors import ValidationFailed
 from detectflow.orchestration import retry_unless_user_error
+from detectflow.pipeline import DetectStats
 from detectflow.publish import run_paths
 from detectflow.sample import check_row, draw, pick_sample
+from detectflow.stages import Sample
 
 
 @task(name="validate_sample", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
-def validate_sample(cfg: RunConfig, detected: dict) -> dict:
+def validate_sample(cfg: RunConfig, detected: DetectStats) -> Sample:
     start = time.perf_counter()
     logger = get_run_logger()
     categories = models.categories(cfg.model)
-    rows = pick_sample([s["uri"] for s in detected["staged"]], cfg.sample_size)
+    rows = pick_sample([s["uri"] for s in detected.staged], cfg.sample_size)
     problems = [p for row in rows for p in check_row(row, categories)]
 
     samples_uri = run_paths(cfg.run_uri)["samples"]
@@ -42,7 +44,7 @@ def validate_sample(cfg: RunConfig, detected: dict) -> dict:
     )
     create_table_artifact(
         key="detections-per-category",
-        table=[{"category": k, "detections": v} for k, v in detected["per_class"].items()],
+        table=[{"category": k, "detections": v} for k, v in detected.per_class.most_common()],
         description=f"Detections per category, run {cfg.run_id}",
     )
     if problems:
@@ -50,4 +52,4 @@ def validate_sample(cfg: RunConfig, detected: dict) -> dict:
             f"{len(problems)} invalid result(s) in the sample, first: {problems[0]}"
         )
     logger.info("sample of %d image(s) is valid; drawn to %s", len(rows), samples_uri)
-    return {"samples": saved, "checked": len(rows), "seconds": time.perf_counter() - start}
+    return Sample(saved, len(rows), time.perf_counter() - start)

@@ -5,18 +5,21 @@ import time
 from prefect import get_run_logger, task
 
 from detectflow.config import RunConfig
+from detectflow.models import ResolvedWeights
 from detectflow.orchestration import retry_unless_user_error
+from detectflow.pipeline import DetectStats
 from detectflow.publish import publish_shards, run_paths
+from detectflow.stages import Written
 
 
 @task(name="write_parquet", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
-def write_parquet(cfg: RunConfig, detected: dict, weights: dict) -> dict:
+def write_parquet(cfg: RunConfig, detected: DetectStats, weights: ResolvedWeights) -> Written:
     start = time.perf_counter()
     target = run_paths(cfg.run_uri)["detections"]
     metadata = {"detectflow.run_id": cfg.run_id, "detectflow.model": cfg.model,
-                "detectflow.weights_sha256": weights["sha256"]}
-    files = publish_shards(detected["staged"], target, metadata)
+                "detectflow.weights_sha256": weights.sha256}
+    files = publish_shards(detected.staged, target, metadata)
     rows = sum(f["rows"] for f in files)
     get_run_logger().info("wrote %d rows in %d Parquet file(s) to %s", rows, len(files), target)
-    return {"files": files, "rows": rows, "seconds": time.perf_counter() - start}
+    return Written(files, rows, time.perf_counter() - start)

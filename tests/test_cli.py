@@ -37,6 +37,16 @@ def _stored_events(prefect_home: Path) -> dict[str, int]:
         return dict(db.execute("SELECT event, count(*) FROM events GROUP BY event").fetchall())
 
 
+def _task_logs(prefect_home: Path) -> dict[str, list[str]]:
+    """Log messages the run's temporary API server stored, by task run id."""
+    by_task: dict[str, list[str]] = {}
+    with contextlib.closing(sqlite3.connect(prefect_home / "prefect.db")) as db:
+        for task_run_id, message in db.execute(
+                "SELECT task_run_id, message FROM log WHERE task_run_id IS NOT NULL"):
+            by_task.setdefault(task_run_id, []).append(message)
+    return by_task
+
+
 def test_missing_pretrained_weights_fail_fast_with_one_line(tmp_path):
     proc = subprocess.run(CLI + ["run", "--output", str(tmp_path / "out")], env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -82,6 +92,13 @@ def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weight
     events = _stored_events(tmp_path / "prefect-home")
     assert events.get("prefect.flow-run.Running") == 1, events  # the run reported to its API...
     assert "prefect.flow-run.heartbeat" not in events, events  # ...which dies with it: no beats
+    # Every task's logs reached that API although the run's local Ray killed its workers right
+    # after the last task (Prefect sends logs in batches; workarounds.task_logs flushes them).
+    by_task = _task_logs(tmp_path / "prefect-home")
+    assert len(by_task) == 6, by_task  # list, detect, validate, write, manifest, latest
+    for messages in by_task.values():  # each task's last log, as Prefect writes it
+        assert any(m.startswith("Finished in state Completed") for m in messages), messages
+    assert sum(m.startswith("wrote 2 rows") for ms in by_task.values() for m in ms) == 1
 
     # Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
     # plain torchvision import, Ray's own shutdown; the same detections.

@@ -1,8 +1,8 @@
 """Prefect's temporary API server, started as the very first thing a local run does.
 
 Without ``PREFECT_API_URL`` Prefect starts this server itself, but only once the flow is called,
-after every import (~4 s here) and, in our flow, before Ray starts: the three waits added up
-(benchmarks/RESULTS.md). This module starts the same server (the command and environment of
+after every import and, in our flow, before Ray starts: the three waits added up
+(benchmarks/RESULTS.md, Start-up). This module starts the same server (the command and environment of
 Prefect's ephemeral mode, ``prefect.server.api.server.SubprocessASGIServer``, but on a socket
 we bind first) in a subprocess before anything heavy is imported, so its start-up overlaps ours.
 The flow is then pointed at it with ``PREFECT_API_URL``, the setting Prefect documents for a
@@ -23,8 +23,8 @@ from detectflow.errors import DetectflowError
 from detectflow.workarounds.api_app import LIFELINE_ENV
 
 # Prefect's ephemeral server: no UI, the services of an ephemeral server only. No block type
-# registration: a run uses no blocks, and on a fresh PREFECT_HOME (a new container) it took
-# ~1 s of the server's ~10.7 s start on 2 cores (benchmarks/RESULTS.md). Its memo off too, or
+# registration: a run uses no blocks, and on a fresh PREFECT_HOME (a new container) it costs
+# a share of the server's start (benchmarks/RESULTS.md, lever log). Its memo off too, or
 # Prefect would record the registration as done, and a later `prefect server start` on the same
 # database would skip it.
 _EPHEMERAL_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
@@ -37,8 +37,7 @@ def listening_socket() -> socket.socket:
     """A loopback TCP socket on a free port, listening, with ``TCP_NODELAY`` for what it accepts.
 
     uvicorn wraps a socket passed by ``--fd`` as a Unix socket, so asyncio never sets
-    ``TCP_NODELAY`` on its connections, and every response then waited ~40 ms for a delayed ACK
-    (measured: 44 ms per health check instead of 1 ms). Linux gives accepted sockets the
+    ``TCP_NODELAY`` on its connections, and every response then waited for a delayed ACK. Linux gives accepted sockets the
     listener's ``TCP_NODELAY``.
     """
     sock = socket.socket()

@@ -1,0 +1,40 @@
+"""What one stage of the flow hands the next: small, typed and picklable (no pixels, no rows).
+
+The detect stage's result is ``pipeline.DetectStats``; the weights' identity is
+``models.ResolvedWeights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Listing:
+    """list_images: where the listing shards are and how many images they hold."""
+
+    listing_uri: str
+    images: int
+    shards: int
+    reused: bool  # an earlier attempt of this run id had listed the same input
+    skipped_samples: int  # sample pictures of runs under the output, never input
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """validate_sample: the drawn pictures (paths relative to the run folder)."""
+
+    samples: list[str]
+    checked: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Written:
+    """write_parquet: the published Parquet files (path, rows, bytes, sha256 each)."""
+
+    files: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    seconds: float = 0.0
