@@ -10,7 +10,7 @@ MODEL   ?= fasterrcnn_resnet50_fpn_v2
 WEIGHTS ?=
 ARGS    ?=
 
-.PHONY: run test lint lock install install-dev test-weights clean bench deploy worker serve
+.PHONY: run test test-fast lint lock install install-dev test-weights clean bench deploy worker serve
 
 # Everything comes from requirements.lock (every transitive dependency, hash-checked), so a new
 # upstream release changes nothing here until `make lock` is run on purpose. pyproject.toml keeps
@@ -66,6 +66,11 @@ test: install
 	$(BIN)/python tools/lockcheck.py check $(LOCK)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# While developing: everything but the slowest end-to-end cases (marked slow); CI runs `make test`.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow"
 
 # Offline weights for trying `make run` on a machine that cannot download torchvision's:
 # a real state dict, batch-norm recalibrated on the bundled photos (see tests/calibrated_weights.py).

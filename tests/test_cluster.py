@@ -229,6 +229,7 @@ def _rows(fs, run_id: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_plan_is_logged_once_and_recorded_for_the_cluster_it_found(cluster_run):
     # Both nodes share one session folder on this machine, so each node's log monitor forwards
     # the same worker line: identical copies are one log record.
@@ -252,6 +253,7 @@ def ray_state(cluster, cluster_run):
             "nodes": {n["node_id"] for n in cluster.alive_nodes()}}
 
 
+@pytest.mark.slow
 def test_work_ran_on_both_nodes(ray_state):
     ran: dict[str, set[str]] = {}
     for t in ray_state["tasks"]:
@@ -267,6 +269,7 @@ def test_work_ran_on_both_nodes(ray_state):
     assert data_work == ray_state["nodes"]  # decoding and inference, not just bookkeeping
 
 
+@pytest.mark.slow
 def test_code_and_settings_reach_the_workers_through_runtime_env(ray_state, s3, prefect_api):
     (detector,) = [a for a in ray_state["actors"] if "Detector" in a.class_name]
     runtime_env = json.loads(detector.serialized_runtime_env)
@@ -278,6 +281,7 @@ def test_code_and_settings_reach_the_workers_through_runtime_env(ray_state, s3, 
     assert S3_SECRET not in detector.serialized_runtime_env
 
 
+@pytest.mark.slow
 def test_every_image_appears_once_in_the_output(cluster_run, fs):
     rows = _rows(fs, "on-cluster")
     assert sorted(r["image_uri"] for r in rows) == [f"s3://detectflow-in/photos/{n}"
@@ -286,6 +290,7 @@ def test_every_image_appears_once_in_the_output(cluster_run, fs):
     assert cluster_run["manifest"]["counts"]["images"] == 5
 
 
+@pytest.mark.slow
 def test_task_runs_land_in_the_one_prefect_api(cluster_run, prefect_api):
     with get_client(sync_client=True) as client:
         runs = [r for r in client.read_flow_runs() if r.parameters.get("run_id") == "on-cluster"]
@@ -295,6 +300,7 @@ def test_task_runs_land_in_the_one_prefect_api(cluster_run, prefect_api):
     assert all(t.state.is_completed() for t in task_runs)
 
 
+@pytest.mark.slow
 def test_the_cluster_is_still_up_after_the_run(cluster, cluster_run):
     assert len(cluster.alive_nodes()) == 2
     assert all(proc.poll() is None for proc in cluster.procs)
@@ -302,6 +308,7 @@ def test_the_cluster_is_still_up_after_the_run(cluster, cluster_run):
     assert any(b"autoscaler/_private/monitor.py" in cmdline(pid) for pid in cluster.our_pids())
 
 
+@pytest.mark.slow
 def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefect_api, tmp_path,
                                                           sample_dir):
     proc, _ = _detectflow_run(
@@ -317,6 +324,7 @@ def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefe
     assert len(cluster.alive_nodes()) == 2  # refusing did not touch the cluster
 
 
+@pytest.mark.slow
 def test_same_detections_as_on_a_local_ray(cluster_run, fs, s3, prefect_api, tmp_path):
     proc, seconds = _detectflow_run(_cli_env(tmp_path, prefect_api), *_s3_args(s3, "on-local"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

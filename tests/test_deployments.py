@@ -320,6 +320,7 @@ def test_ui_shows_the_drawn_boxes_on_the_runs_artifact_page(server, worker_run, 
     assert shot.stat().st_size > 50_000  # kept for people to look at: pictures, not a blank page
 
 
+@pytest.mark.slow
 def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weights,
                                                    tmp_path_factory):
     """``make serve``: the same deployments, executed by a long-running process (no worker runs

@@ -129,6 +129,7 @@ def killed_actor_run(many_photos, ray_local, prefect_api, small_weights, tmp_pat
     return {"out": out, "run_dir": run_dir, "killed": killed}
 
 
+@pytest.mark.slow
 def test_killed_inference_actor_the_run_completes_with_every_image_once(killed_actor_run,
                                                                        many_photos):
     import ray._private.state
@@ -143,6 +144,7 @@ def test_killed_inference_actor_the_run_completes_with_every_image_once(killed_a
     assert manifest["counts"]["images"] == MANY and manifest["resume"]["images_inferred"] == MANY
 
 
+@pytest.mark.slow
 def test_two_run_ids_in_one_prefix_never_touch_each_others_files(killed_actor_run, sample_dir,
                                                                  small_weights):
     out, run_a = killed_actor_run["out"], killed_actor_run["run_dir"]
@@ -175,6 +177,7 @@ def _attempts_of_one_write(endpoint: str) -> int:
     return len(proxy.refused)
 
 
+@pytest.mark.slow
 def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local, prefect_api,
                                                                   small_weights):
     # Refuse exactly as many requests as one write makes on its own (the S3 client retries
@@ -259,6 +262,7 @@ class CrashingRun:
         self.proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once(
         tmp_path, sample_dir, small_weights, ray_local, prefect_api):
     out, run_dir = tmp_path / "out", tmp_path / "out" / "crash"
@@ -288,6 +292,7 @@ def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once
         assert entry["sha256"] == storage.sha256_file(str(run_dir / entry["path"]))
 
 
+@pytest.mark.slow
 def test_resume_reuses_verified_shards_and_infers_only_the_rest(tmp_path, photos, small_weights,
                                                                  ray_local, prefect_api):
     out, run_dir = tmp_path / "out", tmp_path / "out" / "resume"

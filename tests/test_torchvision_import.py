@@ -5,47 +5,50 @@ since an import can only be observed once per process."""
 from __future__ import annotations
 
 import pytest
+import ray
 from fresh import run_fresh
 
+from detectflow import workarounds
 
-def test_an_actor_detects_without_loading_dynamo_which_stays_importable(small_weights,
+
+@ray.remote(num_cpus=1)
+class _Probe:
+    def run(self, weights: str, image: str) -> dict:
+        import sys
+
+        import torch
+
+        from detectflow import imaging
+        from detectflow.predictor import Detector
+
+        detector = Detector("fasterrcnn_mobilenet_v3_large_320_fpn", weights, 0.5, "run",
+                            device="cpu")
+        pixels = torch.from_numpy(imaging.decode(open(image, "rb").read()))
+        found = detector.predict([pixels])[0]
+        dynamo_loaded = "torch._dynamo" in sys.modules
+        roi = sys.modules["torchvision.ops.roi_align"]
+        deferred = roi.is_compile_supported("cpu")  # loads the real function on first call
+        import torch._dynamo.utils as real_utils
+
+        compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2))
+        return {
+            "dynamo_loaded": dynamo_loaded, "boxes": len(found["boxes"]),
+            "deferred": deferred, "real": real_utils.is_compile_supported("cpu"),
+            "real_file": bool(getattr(real_utils, "__file__", None)),
+            "dynamo_file": bool(getattr(sys.modules["torch._dynamo"], "__file__", None)),
+            "compiled": compiled.tolist(),
+        }
+
+
+def test_an_actor_detects_without_loading_dynamo_which_stays_importable(ray_local, small_weights,
                                                                           sample_dir):
-    """Through Ray's setup hook, as the detect stage starts its actors."""
+    """Through Ray's setup hook in the actor's runtime env, as the detect stage starts its
+    actors: a new worker of its own, whatever the session's Ray already imported elsewhere."""
     image = sorted(sample_dir.glob("*.jpg"))[0]
-    out = run_fresh(f"""
-        import json, ray
-        from detectflow import workarounds
-
-        @ray.remote(num_cpus=1)
-        class Probe:
-            def run(self):
-                import sys
-                import torch
-                from detectflow import imaging
-                from detectflow.predictor import Detector
-                detector = Detector("fasterrcnn_mobilenet_v3_large_320_fpn",
-                                    {str(small_weights)!r}, 0.5, "run", device="cpu")
-                pixels = torch.from_numpy(imaging.decode(open({str(image)!r}, "rb").read()))
-                found = detector.predict([pixels])[0]
-                dynamo_loaded = "torch._dynamo" in sys.modules
-                roi = sys.modules["torchvision.ops.roi_align"]
-                deferred = roi.is_compile_supported("cpu")  # loads the real function on first call
-                import torch._dynamo.utils as real_utils
-                compiled = torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(2))
-                return {{
-                    "dynamo_loaded": dynamo_loaded, "boxes": len(found["boxes"]),
-                    "deferred": deferred, "real": real_utils.is_compile_supported("cpu"),
-                    "real_file": bool(getattr(real_utils, "__file__", None)),
-                    "dynamo_file": bool(getattr(sys.modules["torch._dynamo"], "__file__", None)),
-                    "compiled": compiled.tolist(),
-                }}
-
-        ray.init(num_cpus=1, include_dashboard=False)
-        env = workarounds.actor_runtime_env()
-        probe = Probe.options(runtime_env=env).remote()
-        print(json.dumps({{**ray.get(probe.run.remote()), "env": env}}))
-        ray.shutdown()
-    """, timeout=240)
+    env = workarounds.actor_runtime_env()
+    probe = _Probe.options(runtime_env=env).remote()
+    out = {**ray.get(probe.run.remote(str(small_weights), str(image)), timeout=240), "env": env}
+    ray.kill(probe)
     assert list(out["env"]["env_vars"].values()) == [
         "detectflow.workarounds.torchvision_import.preload"]
     assert out["dynamo_loaded"] is False
