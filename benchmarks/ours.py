@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import Clock, MemorySampler
+from detectflow import workarounds
 from detectflow.config import RunConfig
 from detectflow.listing import write_listing
 from detectflow.pipeline import plan_resources, run_detection
@@ -41,7 +42,8 @@ def run_detect_stage(images_dir: Path, work_dir: Path, **params: Any) -> dict[st
     with MemorySampler(ray=True) as mem:
         stats = run_detection(cfg, str(work_dir / "listing"), str(work_dir / "staged"),
                               listing["images"], plan,
-                              on_progress=lambda done, total, elapsed: clock.arrived(done))
+                              on_progress=lambda done, total, elapsed: clock.arrived(done),
+                              actor_env=workarounds.actor_runtime_env())
         clock.stop()
     return {"images": stats.images, "failed": stats.failed, "detections": stats.detections,
             "clock": clock, "peaks": mem.peaks, "plan": plan}

@@ -129,6 +129,8 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
         )
     if storage.is_local(weights):
         path = weights.removeprefix("file://")
+        if os.path.isdir(path):
+            raise WeightsError(f"weights for {model}: {path} is a folder; give the .pth file in it")
         if not os.path.isfile(path):
             raise WeightsError(f"weights for {model}: file not found: {path}")
         return ResolvedWeights(weights, path, os.path.basename(path), digest(path))
