@@ -12,7 +12,7 @@ from detectflow import storage
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError, InputError, OutputError
 from detectflow.listing import require_images
-from detectflow.models import ResolvedWeights, load_model, resolve_weights
+from detectflow.models import ResolvedWeights, resolve_weights
 
 
 def check_output(output_uri: str) -> None:
@@ -60,13 +60,8 @@ def require_shared_storage(cfg: RunConfig, nodes: int) -> None:
 
 
 def preflight(cfg: RunConfig) -> ResolvedWeights:
-    """Weights identity once everything needed is known to be there.
-
-    The weights are loaded once here, on the CPU, into the architecture (no forward pass): a
-    text file, a truncated file or another architecture's state dict fails in one line before
-    Ray starts, not in every inference actor after it."""
+    """Weights identity once everything needed is known to be there."""
     weights = resolve_weights(cfg.model, cfg.weights)
-    load_model(cfg.model, weights, cfg.score_threshold, "cpu")
     require_images(cfg.input_uri, cfg.extensions, cfg.output_uri)
     check_output(cfg.output_uri)
     return weights

@@ -131,26 +131,6 @@ def test_the_flow_its_task_workers_and_decode_tasks_never_import_torch(sample_di
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
-def test_unusable_weights_fail_in_preflight_with_one_line(tmp_path, small_weights, sample_dir):
-    """Before Ray starts and before anything is written: the state dict is loaded on the CPU
-    into the architecture once, in the process that starts the run."""
-    from detectflow.config import RunConfig
-    from detectflow.preflight import preflight
-
-    text = tmp_path / "notes.pth"
-    text.write_text("not a checkpoint\n")
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(small_weights.read_bytes()[: small_weights.stat().st_size // 2])
-    other = tmp_path / "ssd.pth"
-    torch.save(models.build_model("ssdlite320_mobilenet_v3_large").state_dict(), other)
-    cases = {text: "cannot load .* safely", truncated: "cannot load .* safely",
-             other: "does not match the model", tmp_path: "is a folder"}
-    for weights, reason in cases.items():
-        cfg = RunConfig(input_uri=str(sample_dir), output_uri=str(tmp_path / "out"), model=SMALL,
-                        weights=str(weights))
-        with pytest.raises(WeightsError, match=reason) as err:
-            preflight(cfg)
-        assert "\n" not in str(err.value), err.value
-    assert not (tmp_path / "out").exists()
-    preflight(RunConfig(input_uri=str(sample_dir), output_uri=str(tmp_path / "out"), model=SMALL,
-                        weights=str(small_weights)))  # good weights pass
+def test_weights_naming_a_folder_say_it_is_a_folder(tmp_path):
+    with pytest.raises(WeightsError, match=f"{SMALL}: {tmp_path} is a folder; give the .pth"):
+        resolve_weights(SMALL, str(tmp_path))
