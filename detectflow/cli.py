@@ -255,8 +255,9 @@ def entry() -> None:
 
     Once every exit hook has run (Prefect's have sent the last logs, the temporary API server
     is stopped), what is left is the interpreter tearing down torch, Ray and Prefect's modules,
-    seconds for nothing (benchmarks/RESULTS.md, lever log). The hook registered first runs last, so it can
-    flush and ``os._exit`` with main's code. ``main`` alone (as tests call it) exits normally.
+    seconds for nothing (benchmarks/RESULTS.md, lever log). The hook registered first runs
+    last, so it can flush and ``os._exit`` with main's code. ``main`` alone (as tests call it)
+    exits normally.
     """
     import logging
 

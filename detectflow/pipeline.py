@@ -193,6 +193,10 @@ class DetectStats:
     images_inferred: int = 0  # rows that came out of the inference actors in this attempt
     plan: ResourcePlan | None = None
 
+    def class_counts(self) -> dict[str, int]:
+        """Detections per class, most frequent first (ties by name): the manifest's order."""
+        return dict(sorted(self.per_class.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def add(self, table: pa.Table) -> None:
         self.images += table.num_rows
         errors = table.column("error")

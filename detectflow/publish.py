@@ -132,7 +132,7 @@ def build_manifest(
             "succeeded": stats.images - stats.failed,
             "failed": stats.failed,
             "detections": stats.detections,
-            "per_class": dict(sorted(stats.per_class.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "per_class": stats.class_counts(),
         },
         "failures": stats.failures,
         "resume": {  # what an interrupted earlier attempt of this run id had already staged

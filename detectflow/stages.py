@@ -6,7 +6,7 @@ The detect stage's result is ``pipeline.DetectStats``; the weights' identity is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -35,6 +35,6 @@ class Sample:
 class Written:
     """write_parquet: the published Parquet files (path, rows, bytes, sha256 each)."""
 
-    files: list[dict[str, Any]] = field(default_factory=list)
-    rows: int = 0
-    seconds: float = 0.0
+    files: list[dict[str, Any]]
+    rows: int
+    seconds: float

@@ -44,7 +44,7 @@ def validate_sample(cfg: RunConfig, detected: DetectStats) -> Sample:
     )
     create_table_artifact(
         key="detections-per-category",
-        table=[{"category": k, "detections": v} for k, v in detected.per_class.most_common()],
+        table=[{"category": k, "detections": v} for k, v in detected.class_counts().items()],
         description=f"Detections per category, run {cfg.run_id}",
     )
     if problems:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import cache
 from importlib import metadata
 
 log = logging.getLogger("detectflow.workarounds")
@@ -39,6 +40,7 @@ FLUSH_LOGS = "DETECTFLOW_FLUSH_TASK_LOGS"
 _warned: set[str] = set()
 
 
+@cache
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist).split("+", 1)[0]  # a local build tag (+cu128) is the same
@@ -48,8 +50,9 @@ def _version(dist: str) -> str | None:
 
 def mismatches(name: str) -> list[str]:
     """``dist found X, verified on Y`` for each version that differs from the verified one."""
-    return [f"{dist} {_version(dist)} (verified on {want})"
-            for dist, want in VERIFIED[name][1].items() if _version(dist) != want]
+    found = {dist: _version(dist) for dist in VERIFIED[name][1]}
+    return [f"{dist} {found[dist]} (verified on {want})"
+            for dist, want in VERIFIED[name][1].items() if found[dist] != want]
 
 
 def applies(name: str) -> bool:
