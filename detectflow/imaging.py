@@ -27,14 +27,38 @@ class DecodeError(ValueError):
     """The bytes are not an image we can read; the message is the short reason stored per row."""
 
 
+# EXIF orientation → the transpose that displays the image upright (as ImageOps.exif_transpose).
+ORIENTATIONS = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
+
+
 def open_rgb(data: bytes) -> PILImage.Image:
-    """Bytes → an RGB Pillow image, EXIF orientation applied, pixels loaded.
+    """Bytes → an RGB Pillow image at full size, EXIF orientation applied, pixels loaded.
 
     16-bit greys are scaled to 8 bits (``v * 255 / 65535``, as torchvision's ``to_dtype``);
     32-bit integer images by their maximum. Anything Pillow cannot read raises
     :class:`DecodeError` with a short reason.
     """
-    from PIL import Image, ImageOps
+    return open_bounded(data, None)[0]
+
+
+def open_bounded(data: bytes, max_side: int | None) -> tuple[PILImage.Image, tuple[int, int]]:
+    """Bytes → (RGB image, (H, W) of the full image), as :func:`open_rgb` but with the longer
+    side downscaled to at most ``max_side`` (``bounded_size`` of the full size, exactly).
+
+    A giant image is never held at full size when the format lets us avoid it: a JPEG is
+    decoded by libjpeg at 1/2, 1/4 or 1/8 scale (``draft``, the largest reduction that keeps
+    ``max_side``), and RGB or grey pixels are downscaled before they are rotated or converted,
+    which would each copy the full image. The full size is the oriented one, for boxes.
+    """
+    from PIL import Image
 
     if not data:
         raise DecodeError("empty file")
@@ -44,13 +68,29 @@ def open_rgb(data: bytes) -> PILImage.Image:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # before ``draft``, which changes it
+            target = None
+            if max_side is not None:
+                target_h, target_w = bounded_size(height, width, max_side)
+                target = (target_w, target_h)
+                if target != img.size and img.format == "JPEG":
+                    img.draft(None, target)  # each side stays >= its target
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)
+            transpose = ORIENTATIONS.get(img.getexif().get(EXIF_ORIENTATION, 1))
+            if target and img.size != target and img.mode in ("RGB", "L"):
+                img = img.resize(target, Image.Resampling.BILINEAR)
+            if transpose:
+                img = img.transpose(Image.Transpose[transpose])
+                if transpose in ("TRANSPOSE", "ROTATE_270", "TRANSVERSE", "ROTATE_90"):
+                    width, height = height, width  # the full size as displayed
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(img, dtype=np.float64)
                 top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
                 img = Image.fromarray(np.round(arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
-            return img if img.mode == "RGB" else img.convert("RGB")
+            img = img if img.mode == "RGB" else img.convert("RGB")
+            if max_side is not None:
+                img = fit(img, bounded_size(height, width, max_side))
+            return img, (height, width)
     except Exception as exc:
         name = type(exc).__name__
         reason = str(exc).split(" <_io.BytesIO")[0]  # no object addresses in stored reasons
@@ -115,12 +155,16 @@ def limit_size(image: PILImage.Image, max_side: int) -> PILImage.Image:
     Images within the bound pass untouched, so results on ordinary photos equal a direct call of
     the model (which does its own resize).
     """
+    return fit(image, bounded_size(image.height, image.width, max_side))
+
+
+def fit(image: PILImage.Image, size_hw: tuple[int, int]) -> PILImage.Image:
+    """``image`` resized (antialiased bilinear) to (H, W) ``size_hw``, or as it is if it has it."""
     from PIL import Image
 
-    new_h, new_w = bounded_size(image.height, image.width, max_side)
-    if (new_h, new_w) == (image.height, image.width):
+    if (image.height, image.width) == tuple(size_hw):
         return image
-    return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return image.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
 
 
 def rescale_boxes(

@@ -48,6 +48,8 @@ DECODED_SCHEMA = pa.schema(
 def decode_one(uri: str, max_side: int, ship_jpeg: bool = False) -> dict[str, Any]:
     """Read + decode one image; errors become a short reason instead of an exception.
 
+    The image is decoded straight to at most ``max_side`` where its format allows
+    (``imaging.open_bounded``); ``orig_height``/``orig_width`` are its full size, for boxes.
     With ``ship_jpeg``, a plain JPEG (``imaging.plain_jpeg_size``) is not decoded here but
     returned as read, for a GPU actor to decode.
     """
@@ -56,15 +58,14 @@ def decode_one(uri: str, max_side: int, ship_jpeg: bool = False) -> dict[str, An
         if ship_jpeg and (size := imaging.plain_jpeg_size(data, max_side)):
             return {"encoded": data, "height": size[0], "width": size[1],
                     "orig_height": size[0], "orig_width": size[1], "error": None}
-        image = imaging.open_rgb(data)
+        image, (orig_h, orig_w) = imaging.open_bounded(data, max_side)
     except imaging.DecodeError as exc:
         return {"error": str(exc)}
     except FileNotFoundError:
         return {"error": "file not found"}
     except Exception as exc:  # unreadable file, permission, I/O: recorded, never fatal
         return {"error": f"cannot read image: {type(exc).__name__}: {exc}"[:300]}
-    orig_h, orig_w = image.height, image.width
-    pixels = imaging.to_chw(imaging.limit_size(image, max_side))
+    pixels = imaging.to_chw(image)
     return {
         "pixels": pixels.tobytes(),
         "height": pixels.shape[-2],

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 BOX_TOLERANCE = 1e-3  # pixels; float32 rounding at the image border
+# Samples are for eyes and the Prefect UI: a gigapixel scan drawn at full size took seconds and
+# gigabytes and made a PNG nobody opens.
+SAMPLE_MAX_SIDE = 2048
 
 
 def check_row(row: dict[str, Any], categories: Sequence[str]) -> list[str]:
@@ -66,20 +70,22 @@ def pick_sample(staged_uris: list[str], n: int) -> list[dict[str, Any]]:
     return (chosen + spare)[:n]
 
 
-def draw(row: dict[str, Any]) -> Image.Image:
-    """The original image (EXIF orientation applied, as the pipeline decodes it) with the row's
-    boxes and ``label score`` captions drawn in red, in the style of torchvision's
-    ``draw_bounding_boxes`` (which draws with Pillow too), without importing torch."""
+def draw(row: dict[str, Any], max_side: int = SAMPLE_MAX_SIDE) -> Image.Image:
+    """The original image (EXIF orientation applied, as the pipeline decodes it), downscaled to
+    at most ``max_side``, with the row's boxes (scaled alike) and ``label score`` captions drawn
+    in red, in the style of torchvision's ``draw_bounding_boxes`` (which draws with Pillow too),
+    without importing torch."""
     from PIL import ImageDraw, ImageFont
 
-    image = imaging.open_rgb(storage.read_bytes(row["image_uri"]))
+    image, full_hw = imaging.open_bounded(storage.read_bytes(row["image_uri"]), max_side)
     if not row["boxes"]:
         return image
+    boxes = imaging.rescale_boxes(np.asarray(row["boxes"]), full_hw, (image.height, image.width))
     width = max(2, round(max(image.size) / 250))
     pen = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(10, 5 * width))
-    for box, name, score in zip(row["boxes"], row["label_names"], row["scores"]):
-        pen.rectangle([float(v) for v in box], outline="red", width=width)
+    for box, name, score in zip(boxes.tolist(), row["label_names"], row["scores"]):
+        pen.rectangle(box, outline="red", width=width)
         pen.text((box[0] + width + 1, box[1] + width + 1), f"{name} {score:.2f}", fill="red",
                  font=font)
     return image
