@@ -126,3 +126,94 @@ def test_images_up_to_a_gigapixel_are_read_larger_ones_refused():
     assert "DecompressionBomb" not in str(read.value)
     with pytest.raises(imaging.DecodeError, match="DecompressionBombError"):
         imaging.decode(_png_header_only(40_000, 30_000))
+
+
+# A large photo-like JPEG: colour gradients (never white) and one white rectangle whose edges
+# locate boxes. 3000 rows x 4000 columns stored; the rectangle is rows 600:1200, cols 2000:3000.
+BIG_HW, RECT = (3000, 4000), (2000, 600, 3000, 1200)  # RECT as a box: x1, y1, x2, y2
+
+
+@pytest.fixture(scope="module")
+def big_jpegs() -> dict[str, bytes]:
+    h, w = BIG_HW
+    pixels = np.empty((h, w, 3), np.uint8)
+    pixels[..., 0] = np.linspace(0, 255, h, dtype=np.float32)[:, None]
+    pixels[..., 1] = np.linspace(0, 255, w, dtype=np.float32)[None, :]
+    pixels[..., 2] = 128
+    x1, y1, x2, y2 = RECT
+    pixels[y1:y2, x1:x2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90° clockwise: 4000 rows x 3000 columns
+    return {"plain": _jpeg(pixels, quality=90),
+            "rotated": _jpeg(pixels, quality=90, exif=exif.tobytes())}
+
+
+def _white_box(image: np.ndarray) -> np.ndarray:
+    """The white rectangle's xyxy box in an (H, W, 3) image."""
+    rows, cols = np.nonzero((image > 230).all(axis=-1))
+    return np.array([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], np.float32)
+
+
+def test_large_jpeg_is_decoded_reduced_by_libjpeg(big_jpegs):
+    image, full_hw = imaging.open_bounded(big_jpegs["plain"], 512)
+    assert full_hw == BIG_HW and image.size == (512, 384)
+    # The pixels are those of libjpeg's 1/4-scale decode, downscaled: the full image never was.
+    drafted = Image.open(io.BytesIO(big_jpegs["plain"]))
+    drafted.draft(None, (512, 384))
+    assert drafted.size == (1000, 750)
+    expected = drafted.convert("RGB").resize((512, 384), Image.Resampling.BILINEAR)
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    # ... and they match a full decode then downscale, up to rounding.
+    full = imaging.limit_size(imaging.open_rgb(big_jpegs["plain"]), 512)
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(full, np.int16)).mean() < 1.0
+
+
+def test_decode_one_gives_full_oriented_size_and_boxes_map_back(tmp_path, big_jpegs):
+    from detectflow.predictor import decode_one
+
+    for name, data in big_jpegs.items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        row = decode_one(str(path), 512)
+        assert row["error"] is None
+        small_hw, full_hw = (row["height"], row["width"]), (row["orig_height"], row["orig_width"])
+        pixels = np.frombuffer(row["pixels"], np.uint8).reshape(3, *small_hw).transpose(1, 2, 0)
+        if name == "plain":
+            assert small_hw == (384, 512) and full_hw == BIG_HW
+            truth = np.array([RECT], np.float32)
+        else:  # stored rows become displayed columns, counted from the right
+            assert small_hw == (512, 384) and full_hw == BIG_HW[::-1]
+            x1, y1, x2, y2 = RECT
+            truth = np.array([[BIG_HW[0] - y2, x1, BIG_HW[0] - y1, x2]], np.float32)
+        # A box found in the decoded pixels lands on the rectangle in original pixels, within
+        # the ~8 original pixels one decoded pixel covers.
+        found = imaging.rescale_boxes(_white_box(pixels), small_hw, full_hw)
+        np.testing.assert_allclose(found, truth, atol=12)
+
+
+def test_large_png_is_downscaled_before_rotation_and_matches_the_full_path():
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    pixels = np.zeros((900, 1200, 3), np.uint8)
+    pixels[100:300, 600:1000] = 255
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", exif=exif.tobytes())
+    image, full_hw = imaging.open_bounded(buf.getvalue(), 300)
+    assert full_hw == (1200, 900) and image.size == (225, 300)
+    full = imaging.limit_size(imaging.open_rgb(buf.getvalue()), 300)
+    assert np.abs(np.asarray(image, np.int16) - np.asarray(full, np.int16)).max() <= 2
+
+
+def test_drawn_sample_of_a_large_image_is_bounded_with_boxes_scaled(tmp_path, big_jpegs):
+    from detectflow.sample import SAMPLE_MAX_SIDE, draw
+
+    path = tmp_path / "big.jpg"
+    path.write_bytes(big_jpegs["plain"])
+    row = {"image_uri": str(path), "boxes": [[float(v) for v in RECT]], "scores": [0.9],
+           "label_names": ["kite"]}
+    picture = np.asarray(draw(row))
+    assert max(picture.shape[:2]) == SAMPLE_MAX_SIDE and picture.shape == (1536, 2048, 3)
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+    x1, y1, x2, y2 = (round(v * 2048 / 4000) for v in RECT)  # 1024, 307, 1536, 614
+    assert red[y1 + 5 : y2 - 5, x1].all() and red[y2, x1 + 5 : x2 - 5].all()
+    assert not red[:, x2 + 10 :].any() and not red[: y1 - 10].any()
