@@ -73,7 +73,7 @@ def open_bounded(data: bytes, max_side: int | None) -> tuple[PILImage.Image, tup
             if max_side is not None:
                 target_h, target_w = bounded_size(height, width, max_side)
                 target = (target_w, target_h)
-                if target != img.size and img.format == "JPEG":
+                if target != img.size:  # JPEG and MPO; a no-op for formats without it
                     img.draft(None, target)  # each side stays >= its target
             img.load()
             transpose = ORIENTATIONS.get(img.getexif().get(EXIF_ORIENTATION, 1))
