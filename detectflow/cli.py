@@ -133,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
     processes die with the thread that started them) while a thread imports Prefect and the
     flow; the flow starts when all three are ready."""
     from detectflow.gcpause import collection_paused
+    from detectflow.interrupt import Interrupted, interrupted
 
-    connected = None
+    connected = cfg = stopped = None
+    held = contextlib.ExitStack()
     try:
         # The start-up's imports run without cyclic garbage collection (``gcpause``); the flow
         # itself collects as usual.
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
             params = {k: v for k, v in vars(args).items() if k != "command"}
             cfg = parse_config(**params).with_run_id()
+            args.run_id = cfg.run_id  # for the line that an interrupted run prints
             from detectflow import workarounds
 
             server = None
@@ -155,13 +158,18 @@ def run(args: argparse.Namespace) -> int:
                 # logs and events to this server; stopping it any earlier makes them retry for
                 # a minute.
                 atexit.register(server.stop)
-            from detectflow import raycluster, storage
+            from detectflow import raycluster, storage, weightcheck
+            from detectflow.lease import run_lease
             from detectflow.preflight import preflight
 
             storage.configure(cfg.s3_endpoint_url)
-            # Seconds, not minutes, to learn that weights, input or output are unusable.
-            preflight(cfg)
+            # Seconds, not minutes, to learn that weights, input or output are unusable; the
+            # weights' check goes on while Prefect is imported, and is waited for before Ray.
+            weights = preflight(cfg, wait=False)
+            # One run of a run id at a time: the flow (in this process) holds the same lease.
+            held.enter_context(run_lease(cfg.run_uri, cfg.run_id, wait=cfg.wait))
             flow = _Background(_import_flow, server)  # Ray is imported by now, Prefect isn't
+            weightcheck.start(cfg.model, weights).wait()
             if server is not None or not own_api:
                 api_url = server.url if server else os.environ["PREFECT_API_URL"]
                 connected = raycluster.connect(
@@ -174,12 +182,29 @@ def run(args: argparse.Namespace) -> int:
                 server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         with settings if settings is not None else contextlib.nullcontext():
             state = detect_objects(**cfg.model_dump(), return_state=True)
+    except BaseException as exc:
+        # Once stopped, whatever the signal's exception became on its way out (a Ray call it
+        # landed in wraps it) means the same thing.
+        if (signum := interrupted()) is None:
+            raise
+        stopped = exc if isinstance(exc, Interrupted) else Interrupted(signum)
     finally:
         if connected is not None:
             raycluster.shutdown()
+        held.close()
     # Only now: Ray prints to stderr until it has shut down (e.g. "worker died" for a warm-up
     # task cut short by a run that failed fast), and the outcome must be the last line.
+    if stopped is None and interrupted() is not None:  # the flow ended on the signal
+        stopped = Interrupted(interrupted())
+    if stopped is not None:
+        print(interrupted_line(getattr(cfg, "run_id", None)), file=sys.stderr, flush=True)
+        return stopped.exit_code
     return report(cfg, state)
+
+
+def interrupted_line(run_id: str | None) -> str:
+    return "detectflow: interrupted" + (
+        f"; re-run with --run-id {run_id} to resume" if run_id else "")
 
 
 def report(cfg, state) -> int:
@@ -241,13 +266,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 2-core machine can need longer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
+    from detectflow.interrupt import Interrupted, stop_on_signals
+
+    # Ctrl-C or SIGTERM stops the run (``interrupt``), at any point of it.
     try:
-        return run(args)
+        last_line = lambda: print(interrupted_line(getattr(args, "run_id", None)),  # noqa: E731
+                                  file=sys.stderr)
+        with stop_on_signals(on_deadline=last_line):
+            return run(args)
     except DetectflowError as exc:
         print(f"detectflow: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(interrupted_line(getattr(args, "run_id", None)), file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 def entry() -> None:

@@ -100,6 +100,9 @@ class RunConfig(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Names the output folder; re-using one resumes or re-reads that run.",
     )] = None
+    wait: Annotated[bool, Field(
+        description="When another run holds the same run id, wait for it instead of failing.",
+    )] = False
     ray_address: Annotated[str | None, Field(
         description="Existing Ray cluster (ray://host:10001 or auto); empty = RAY_ADDRESS, "
                     "else a local Ray.",

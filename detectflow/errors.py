@@ -29,6 +29,10 @@ class OutputError(DetectflowError):
     """The output location cannot be written."""
 
 
+class RunTaken(DetectflowError):
+    """Another run holds the run id (``lease``)."""
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Only unexpected (typically transient I/O) failures are worth a retry."""
     return not isinstance(exc, DetectflowError)

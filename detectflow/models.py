@@ -192,36 +192,69 @@ def load_model(
     model: str, weights: ResolvedWeights, score_threshold: float, device: str = "cpu"
 ) -> torch.nn.Module:
     """Build ``model`` and load ``weights`` into it, strictly; eval mode on ``device``."""
-    import torch
-
     with weights_left_unfilled():
         net = build_model(model, score_threshold)
+    state = read_state_dict(model, weights)
+    check_fit(model, weights, net, state)
     try:
-        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=False)  # every key and shape checked above
+    except (RuntimeError, TypeError) as exc:  # e.g. an entry that is not a tensor
+        raise WeightsError(f"weights for {model}: {weights.source} does not match the model "
+                           f"({str(exc).strip().splitlines()[-1][:200]})") from None
+    return net.eval().to(device)
+
+
+def read_state_dict(model: str, weights: ResolvedWeights, mmap: bool = False) -> dict:
+    """The state dict in ``weights`` (a training checkpoint's ``model`` entry too), loaded with
+    ``weights_only=True``; ``mmap`` leaves the tensors' bytes on disk until they are read."""
+    import torch
+
+    try:
+        state = torch.load(weights.path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as exc:
+        if mmap and "mmap" in str(exc):  # the legacy (non-zip) format cannot be mapped
+            return read_state_dict(model, weights)
+        raise _unloadable(model, weights, exc) from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise WeightsError(
-            f"weights for {model}: cannot load {weights.source} safely "
-            f"(weights_only=True): {type(exc).__name__}: {first}"
-        ) from None
+        raise _unloadable(model, weights, exc) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision reference training checkpoints
     if not isinstance(state, dict):
         raise WeightsError(f"weights for {model}: {weights.source} does not hold a state dict")
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch: another architecture or class count
-        raise WeightsError(
-            f"weights for {model}: {weights.source} does not match the model "
-            f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
-        ) from None
-    # Frozen and regular batch norm differ only by the num_batches_tracked counter.
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    return state
+
+
+def _unloadable(model: str, weights: ResolvedWeights, exc: BaseException) -> WeightsError:
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):  # torch's own text is about its defaults
+        return WeightsError(f"weights for {model}: {weights.source} is not a state dict saved "
+                            "by torch.save, or needs code to load (refused: weights_only=True)")
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return WeightsError(f"weights for {model}: cannot load {weights.source} safely "
+                        f"(weights_only=True): {type(exc).__name__}: {first}")
+
+
+def check_fit(model: str, weights: ResolvedWeights, net: torch.nn.Module, state: dict) -> None:
+    """Every parameter and buffer of ``net`` is in ``state`` with its shape, and nothing else is
+    (batch norms' ``num_batches_tracked`` counters aside: frozen and regular batch norm differ
+    only by them)."""
+    expected = net.state_dict()
+
+    def counted(key: str) -> bool:
+        return not key.endswith("num_batches_tracked")
+
+    missing = [k for k in expected if k not in state and counted(k)]
+    unexpected = [k for k in state if k not in expected and counted(k)]
+    shapes = [f"{k} {tuple(state[k].shape)} instead of {tuple(expected[k].shape)}"
+              for k in expected if k in state and hasattr(state[k], "shape")
+              and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if shapes:
+        raise WeightsError(f"weights for {model}: {weights.source} does not match the model "
+                           f"({len(shapes)} tensors of another shape, e.g. {shapes[0]})")
     if missing or unexpected:
         raise WeightsError(
             f"weights for {model}: {weights.source} does not match the model "
             f"({len(missing)} missing keys e.g. {missing[:2]}, "
             f"{len(unexpected)} unexpected e.g. {unexpected[:2]})"
         )
-    return net.eval().to(device)

@@ -7,6 +7,7 @@ its task runs. We hand the flow's own API URL to every Ray worker through ``runt
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,9 @@ from detectflow.errors import is_retryable
 from detectflow.raycluster import alive_nodes, code_runtime_env, existing_cluster_address
 
 __all__ = ["alive_nodes", "code_runtime_env", "existing_cluster_address"]
+
+
+WAIT_STEP = 0.25  # seconds; how soon a stopped run notices
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
@@ -48,7 +52,22 @@ def completed(future: Any) -> Any:
     """Wait for a task future; raise its own error if it failed, else return it.
 
     Passing the (finished) future on to the next task keeps the dependency edge in Prefect's UI.
+    The wait is in short steps: a signal's handler runs only between them (``interrupt``), and a
+    run stopped meanwhile cancels the task, with the Ray Data job it drives.
     """
+    ref = getattr(future, "wrapped_future", None)
+    if isinstance(ref, ray.ObjectRef):
+        # A Python future's lock, not ``ray.wait``: a signal handler that raises inside Ray's own
+        # wait surfaces as a SystemError, not as the handler's exception (Prefect's cancellation).
+        done = ref.future()
+        try:
+            while not concurrent.futures.wait([done], timeout=WAIT_STEP).done:
+                pass
+        except BaseException:
+            with contextlib.suppress(Exception):
+                # force: the worker is stopped, and with it the actors its Ray Data job owns
+                ray.cancel(ref, force=True, recursive=True)
+            raise
     future.wait()
     future.result()
     return future

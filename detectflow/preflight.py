@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from detectflow import storage
+from detectflow import storage, weightcheck
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError, InputError, OutputError
 from detectflow.listing import require_images
@@ -59,9 +59,14 @@ def require_shared_storage(cfg: RunConfig, nodes: int) -> None:
         raise ConfigError(f"weights {cfg.weights} is a local path {hint}")
 
 
-def preflight(cfg: RunConfig) -> ResolvedWeights:
-    """Weights identity once everything needed is known to be there."""
+def preflight(cfg: RunConfig, wait: bool = True) -> ResolvedWeights:
+    """Weights identity once everything needed is known to be there. The weights' check
+    (``weightcheck``) runs meanwhile; without ``wait`` the caller waits for it later
+    (``weightcheck.start(...).wait()``), e.g. once it has started Ray."""
     weights = resolve_weights(cfg.model, cfg.weights)
+    check = weightcheck.start(cfg.model, weights)
     require_images(cfg.input_uri, cfg.extensions, cfg.output_uri)
     check_output(cfg.output_uri)
+    if wait:
+        check.wait()
     return weights

@@ -150,8 +150,13 @@ def build_manifest(
 
 
 def write_manifest(run_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Publish ``manifest``, create-only: a published manifest never changes (consumers may hold
+    its sha256). The manifest now published: this one, or the one that was there already (a
+    retried publish whose first attempt got that far)."""
     data = json.dumps(manifest, indent=2, sort_keys=False).encode()
-    return storage.atomic_write_bytes(run_paths(run_uri)["manifest"], data)
+    if storage.create_only_bytes(run_paths(run_uri)["manifest"], data):
+        return manifest
+    return read_manifest(run_uri)
 
 
 def read_manifest(run_uri: str) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ import ray
 from detectflow import workarounds
 from detectflow.errors import ConfigError
 from detectflow.gcpause import collection_paused
+from detectflow.interrupt import keep_handlers
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,9 @@ def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
         runtime_env |= code_runtime_env(ship_code)
         log.info("connecting to Ray at %s", existing)
         try:
-            context = ray.init(address=existing, runtime_env=runtime_env,
-                               namespace="detectflow")
+            with keep_handlers():
+                context = ray.init(address=existing, runtime_env=runtime_env,
+                                   namespace="detectflow")
         except ConnectionError as exc:
             raise ConfigError(
                 f"cannot connect to the Ray cluster at {existing} ({str(exc).splitlines()[0]})"
@@ -105,8 +107,9 @@ def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
         # Its workers die with it, so tasks send their logs before returning where that
         # shortcut applies (workarounds.task_logs).
         runtime_env["env_vars"] = env | {workarounds.FLUSH_LOGS: "1"}
-        context = ray.init(address="local", runtime_env=runtime_env, namespace="detectflow",
-                           include_dashboard=dashboard)
+        with keep_handlers():
+            context = ray.init(address="local", runtime_env=runtime_env,
+                               namespace="detectflow", include_dashboard=dashboard)
     warm_workers(WARM_WORKERS)
     return context
 

@@ -151,6 +151,37 @@ def atomic_write_bytes(uri: str, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": sha256_bytes(data)}
 
 
+def create_only_bytes(uri: str, data: bytes) -> bool:
+    """Write ``data`` as ``atomic_write_bytes`` does, but only if nothing is at ``uri`` yet:
+    False (and nothing written) when something is. Locally a hard link of the finished temporary
+    file (fails if the name exists); on S3 a PUT with ``IfNoneMatch: *`` (a store that ignores
+    the header overwrites, as before)."""
+    fs, path = get_fs(uri)
+    if not is_local(uri):
+        try:
+            fs.call_s3("put_object", Bucket=path.split("/", 1)[0], Key=path.split("/", 1)[1],
+                       Body=data, IfNoneMatch="*")
+        except Exception as exc:
+            if "PreconditionFailed" in f"{type(exc).__name__} {exc}" or "412" in str(exc):
+                return False
+            raise
+        return True
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
 def write_parquet(uri: str, table, **options: Any) -> dict[str, Any]:
     """Serialise ``table`` to Parquet in memory and write it atomically; returns bytes + sha256."""
     import pyarrow as pa

@@ -12,6 +12,7 @@ from detectflow import storage
 from detectflow.announce import published_event
 from detectflow.config import RunConfig, flow_signature, parse_config
 from detectflow.errors import DetectflowError
+from detectflow.lease import run_lease
 from detectflow.orchestration import (
     LazyRayTaskRunner,
     alive_nodes,
@@ -46,9 +47,14 @@ def detect_objects(**params) -> dict:
 def _run(cfg: RunConfig) -> dict:
     storage.configure(cfg.s3_endpoint_url)
     weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
-    if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
-        get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
-        return finish(cfg, manifest)
+    with run_lease(cfg.run_uri, cfg.run_id, wait=cfg.wait):  # one run of a run id at a time
+        if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
+            get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
+            return finish(cfg, manifest)
+        return finish(cfg, _detect(cfg, weights_id))
+
+
+def _detect(cfg: RunConfig, weights_id) -> dict:
     env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg, env), task_options(env):
         require_shared_storage(cfg, alive_nodes())  # every node must reach input and output
@@ -58,10 +64,9 @@ def _run(cfg: RunConfig) -> dict:
         detected = completed(detect.submit(cfg, listing, weights_id))
         sample = completed(validate_sample.submit(cfg, detected))
         written = completed(write_parquet.submit(cfg, detected, weights_id))
-        manifest = publish_manifest.submit(
+        return completed(publish_manifest.submit(
             cfg, weights_id, listing, detected, sample, written
-        ).result()
-    return finish(cfg, manifest)
+        )).result()
 
 
 def finish(cfg: RunConfig, manifest: dict):

@@ -40,7 +40,7 @@ def publish_manifest(
         stage_seconds=stage_seconds,
     )
     failpoints.hit("before-manifest")  # crash tests: outputs written, no commit point yet
-    write_manifest(cfg.run_uri, manifest)
+    manifest = write_manifest(cfg.run_uri, manifest)
     storage.remove(paths["staging"])
     uri = paths["manifest"]
     link = uri if "://" in uri else f"file://{uri}"

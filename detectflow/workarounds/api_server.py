@@ -76,6 +76,9 @@ class TemporaryApiServer:
                     env={**os.environ, **_EPHEMERAL_ENV, LIFELINE_ENV: str(lifeline)},
                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     pass_fds=(sock.fileno(), lifeline),
+                    # Out of the terminal's process group: Ctrl-C is for the run to handle,
+                    # which still reports its end here; the lifeline stops the server after.
+                    start_new_session=True,
                 )
             finally:
                 os.close(lifeline)

@@ -1,0 +1,133 @@
+"""Stopping a run on SIGINT (Ctrl-C) or SIGTERM (``kill``, a Prefect worker cancelling it).
+
+The signal becomes an :class:`Interrupted` exception in the main thread, which unwinds the run
+through its ``finally`` blocks: the Ray Data job's driver task is cancelled with the flow's
+tasks, and the run's Ray connection is shut down (a local Ray stops with every worker and actor;
+a cluster ends the run's job, whose actors go with it, and keeps running). The main thread waits
+in short steps (``orchestration.completed``), so the exception is raised within a fraction of a
+second. Should the unwinding still hang, a deadline stops the process and what it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Seconds the unwinding may take before the process is stopped without it; the user expects
+# the command to be gone within about ten.
+DEADLINE = 8.0
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM. A BaseException, as KeyboardInterrupt: no ``except Exception`` keeps a
+    run going after its user asked it to stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+_received: list[int] = []
+_on_deadline: list[Callable[[], None]] = []
+
+
+def _handler(signum: int, frame: object) -> None:
+    _received.append(signum)
+    if len(_received) > 1:  # asked twice: stop now
+        _stop_now(signum)
+    threading.Thread(target=_deadline, args=(signum,), daemon=True,
+                     name="detectflow-deadline").start()
+    raise Interrupted(signum)
+
+
+def _deadline(signum: int) -> None:
+    threading.Event().wait(DEADLINE)
+    _stop_now(signum)
+
+
+def _stop_now(signum: int) -> None:
+    for hook in _on_deadline:
+        with contextlib.suppress(Exception):
+            hook()
+    kill_descendants()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals(on_deadline: Callable[[], None] | None = None) -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while this is active;
+    ``on_deadline`` runs (e.g. prints the last line) if the process must be stopped without
+    unwinding. Elsewhere than the main thread, signals cannot be handled: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _handler) for sig in SIGNALS}
+    if on_deadline:
+        _on_deadline.append(on_deadline)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if on_deadline:
+            _on_deadline.remove(on_deadline)
+
+
+def interrupted() -> int | None:
+    """The first signal received while :func:`stop_on_signals` was active, if any."""
+    return _received[0] if _received else None
+
+
+@contextlib.contextmanager
+def keep_handlers(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
+    """Restore the handlers of ``signals`` after the block: ``ray.init`` replaces SIGTERM's with
+    a ``sys.exit``, which would take the signal from its owner (Prefect's cancellation bridge in
+    a flow run, :func:`stop_on_signals` in ``detectflow run``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started, at any depth (a local Ray's processes, Prefect's
+    temporary server). Linux only (``/proc``); a process that is gone meanwhile is skipped."""
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    stack, found = [os.getpid()], []
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    for pid in found:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
