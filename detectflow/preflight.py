@@ -62,6 +62,6 @@ def require_shared_storage(cfg: RunConfig, nodes: int) -> None:
 def preflight(cfg: RunConfig) -> ResolvedWeights:
     """Weights identity once everything needed is known to be there."""
     weights = resolve_weights(cfg.model, cfg.weights)
-    require_images(cfg.input_uri, cfg.extensions, cfg.output_uri)
+    require_images(cfg.input_uri, cfg.extensions)
     check_output(cfg.output_uri)
     return weights

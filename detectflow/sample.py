@@ -72,7 +72,7 @@ def draw(row: dict[str, Any]) -> Image.Image:
     ``draw_bounding_boxes`` (which draws with Pillow too), without importing torch."""
     from PIL import ImageDraw, ImageFont
 
-    image = imaging.open_rgb(storage.read_bytes(row["image_uri"]))
+    image = imaging.open_rgb(storage.read_image(row["image_uri"]))
     if not row["boxes"]:
         return image
     width = max(2, round(max(image.size) / 250))
