@@ -123,6 +123,10 @@ def format_summary(result: dict[str, Any]) -> str:
             lines.append(f"  … {len(per_class) - 15} more classes")
     for failure in result["failures"][:5]:
         lines.append(f"failed: {failure['image_uri']}: {failure['error']}")
+    from detectflow.listing import summarise_skipped  # loaded by the run already
+
+    if skipped := summarise_skipped(result["input"].get("skipped", {})):  # older manifests: none
+        lines.append(f"skipped: {skipped}")
     lines.append(f"manifest: {result['run_uri']}/manifest.json")
     return "\n".join(lines)
 

@@ -15,17 +15,26 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
 
 from detectflow import storage
+from detectflow.announce import LATEST
 from detectflow.errors import InputError
-from detectflow.publish import SAMPLES
+from detectflow.publish import MANIFEST, STAGING
 from detectflow.schema import LISTING_SCHEMA
 
 log = logging.getLogger(__name__)
+
+
+# Why an entry under the input was left out (the manifest's ``input.skipped``). A name starting
+# with "." (file or folder) is hidden; a folder holding a run (its manifest or staging folder) or
+# an output's ``latest.json`` is a run's output, never input, whatever output this run writes to.
+SKIP_REASONS = ("hidden", "broken_link", "unreadable", "run_output")
+_RUN_FILES = (MANIFEST, LATEST)
 
 
 def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
@@ -50,19 +59,40 @@ def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
         yield path, int(head.get("ContentLength") or 0)
 
 
-def _iter_local(root: str) -> Iterator[tuple[str, int]]:
+def _s3_run_folder(fs) -> Callable[[str], bool]:
+    """Whether an S3 "folder" holds a run's marker, asked when the first image under it is
+    listed: its own keys may sort before the marker (``a.jpg`` < ``manifest.json``). Listing
+    (not HEAD) needs only the permission the listing itself needs."""
+    def first_key(prefix: str) -> str | None:
+        bucket, _, key = prefix.partition("/")
+        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+        return f"{bucket}/{page['Contents'][0]['Key']}" if page.get("Contents") else None
+
+    def marked(folder: str) -> bool:
+        probes = [f"{folder}/{STAGING}/"] + [f"{folder}/{name}" for name in _RUN_FILES]
+        found = storage.map_concurrently(first_key, probes, workers=len(probes))
+        return any(key is not None and (i == 0 or key == probes[i])
+                   for i, key in enumerate(found))
+
+    return marked
+
+
+def _iter_local(root: str, extensions: tuple[str, ...],
+                skipped: Counter) -> Iterator[tuple[str, int]]:
     """Walk a local tree one folder at a time, in the order of the sorted full paths (a folder's
     entries sorted with a ``/`` after each subfolder's name): memory holds one folder's names,
     never the whole tree's. Symlinked folders are followed once each."""
     if os.path.isfile(root):
-        yield root, os.path.getsize(root)
+        if root.lower().endswith(extensions):
+            yield root, os.path.getsize(root)
         return
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
-    yield from _walk(root, set(), top=True)
+    yield from _walk(root, extensions, skipped, set(), top=True)
 
 
-def _walk(folder: str, seen: set[str], top: bool = False) -> Iterator[tuple[str, int]]:
+def _walk(folder: str, extensions: tuple[str, ...], skipped: Counter, seen: set[str],
+          top: bool = False) -> Iterator[tuple[str, int]]:
     real = os.path.realpath(folder)
     if real in seen:  # a symlink back up the tree
         return
@@ -73,15 +103,32 @@ def _walk(folder: str, seen: set[str], top: bool = False) -> Iterator[tuple[str,
     except OSError as exc:
         if top:
             raise
-        # An unreadable subfolder (a volume's lost+found) or one removed meanwhile: skipped, as
-        # fsspec's walk did, but said.
+        # An unreadable subfolder (a volume's lost+found) or one removed meanwhile.
         log.warning("listing skipped %s: %s", folder, exc.strerror or type(exc).__name__)
+        skipped["unreadable"] += 1
+        return
+    if not top and any(key in _RUN_FILES or key == STAGING + "/" for key, _ in entries):
+        skipped["run_output"] += 1
         return
     for key, entry in entries:
         if key.endswith("/"):
-            yield from _walk(entry.path, seen)
-        elif entry.is_file():
-            yield entry.path, entry.stat().st_size
+            if entry.name.startswith("."):
+                skipped["hidden"] += 1
+            else:
+                yield from _walk(entry.path, extensions, skipped, seen)
+            continue
+        image = entry.name.lower().endswith(extensions)
+        if entry.name.startswith("."):
+            skipped["hidden"] += image
+        elif entry.is_symlink() and not os.path.exists(entry.path):
+            skipped["broken_link"] += 1  # a folder or an image once: counted, whatever its name
+        elif image and entry.is_file():
+            try:
+                size = entry.stat().st_size
+            except OSError:  # removed meanwhile
+                skipped["unreadable"] += 1
+                continue
+            yield entry.path, size
 
 
 def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:
@@ -97,66 +144,104 @@ def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:
             yield path, int(entries[path].get("size") or 0)
 
 
-def iter_images(
-    input_uri: str, extensions: tuple[str, ...], output_uri: str | None = None,
-    skipped: list[str] | None = None,
-) -> Iterator[tuple[str, int]]:
-    """(uri, size) of every file under ``input_uri`` whose extension matches, in a stable order
-    (sorted by path). Storage errors become one :class:`InputError` line naming the URI.
+def _run_folders_of(paths: Iterable[str]) -> set[str]:
+    """The folders that hold a run's marker, from a whole listing in memory."""
+    folders = set()
+    for path in paths:
+        parts = path.split("/")
+        if parts[-1] in _RUN_FILES:
+            folders.add("/".join(parts[:-1]))
+        folders.update("/".join(parts[:i]) for i, part in enumerate(parts[:-1]) if part == STAGING)
+    return folders
 
-    With ``output_uri`` inside (or equal to) the input, the sample pictures that runs drew there
-    are left out (appended to ``skipped``): the next run would otherwise detect objects in
-    pictures with the last run's boxes drawn on them, and publish those as input images."""
+
+def _fs_tree(fs, root: str, extensions: tuple[str, ...],
+             skipped: Counter) -> Iterator[tuple[str, int]]:
+    listed = list(_iter_fs(fs, root))  # ``find`` has it all in memory already
+    run_folders = _run_folders_of(path for path, _ in listed)
+    yield from _flat_tree(listed, root, extensions, skipped, run_folders.__contains__)
+
+
+def _flat_tree(entries: Iterable[tuple[str, int]], root: str, extensions: tuple[str, ...],
+               skipped: Counter, run_folder: Callable[[str], bool]) -> Iterator[tuple[str, int]]:
+    """The local walk's rules over a sorted flat listing (object keys). The keys under a folder
+    are contiguous in sorted order, so the state is the current key's folders (and whether each
+    is a run's, asked once each), however many keys; a skipped folder is counted once."""
+    base = root.rstrip("/") + "/"
+    folders: list[tuple[str, bool]] = []  # the current key's folders below the root, top down
+    counted = ""
+    for path, size in entries:
+        if not path.startswith(base):  # the input is this one object
+            if path.lower().endswith(extensions):
+                yield path, size
+            continue
+        *parts, name = path[len(base):].split("/")
+        image = name.lower().endswith(extensions)
+        hidden = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+        if hidden is None and not image:
+            continue  # no image, nothing to count: no question asked
+        skip = None
+        for depth in range(len(parts) if hidden is None else hidden):
+            folder = base + "/".join(parts[:depth + 1])
+            if depth >= len(folders) or folders[depth][0] != folder:
+                del folders[depth:]
+                folders.append((folder, run_folder(folder)))
+            if folders[depth][1]:
+                skip = ("run_output", folder)
+                break
+        if skip is None and hidden is not None:
+            skip = ("hidden", base + "/".join(parts[:hidden + 1]))
+        elif skip is None and name.startswith("."):
+            skip = ("hidden", path)
+        if skip is None:
+            yield path, size
+        elif skip[1] != counted:
+            skipped[skip[0]] += 1
+            counted = skip[1]
+
+
+def iter_images(
+    input_uri: str, extensions: tuple[str, ...], skipped: Counter | None = None,
+) -> Iterator[tuple[str, int]]:
+    """(uri, size) of every image under ``input_uri`` (extension matching), in a stable order
+    (sorted by path); what was left out is counted by reason in ``skipped`` (``SKIP_REASONS``).
+    Storage errors become one :class:`InputError` line naming the URI.
+
+    A local name that is not UTF-8 gets a ``file://`` URI (``storage.local_image_uri``). The
+    input itself is never skipped: it may be hidden, or the output, or a run."""
+    skipped = Counter() if skipped is None else skipped
     fs, root = storage.get_fs(input_uri)
     prefix = storage.uri_prefix(input_uri)
     if storage.is_local(input_uri):
-        entries = _iter_local(root)
+        entries = ((storage.local_image_uri(path), size)
+                   for path, size in _iter_local(root, extensions, skipped))
     elif input_uri.startswith(("s3://", "s3a://")):
-        entries = _iter_s3(fs, root)
+        entries = _flat_tree(_iter_s3(fs, root), root, extensions, skipped, _s3_run_folder(fs))
     else:
-        entries = _iter_fs(fs, root)
-    drawn_by_a_run = _samples_of_runs(input_uri, root, output_uri)
+        entries = _fs_tree(fs, root, extensions, skipped)
     try:
         for path, size in entries:
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(".") or not name.lower().endswith(extensions):
-                continue
-            if drawn_by_a_run(path):
-                if skipped is not None:
-                    skipped.append(prefix + path)
-                continue
             yield prefix + path, size
     except Exception as exc:
         raise InputError(f"cannot list {input_uri}: {storage.explain(exc)}") from None
 
 
-def _samples_of_runs(input_uri: str, root: str, output_uri: str | None) -> Callable[[str], bool]:
-    """Whether a listed path (under ``root``, the input's path) is a sample picture of a run
-    under ``output_uri``: ``<output>/<run id>/samples/<name>.png``, the only images a run
-    writes."""
-    def never(path: str) -> bool:
-        return False
-
-    if not output_uri or storage.is_local(input_uri) != storage.is_local(output_uri):
-        return never
-    root = root.rstrip("/")
-    out = storage.get_fs(output_uri)[1].rstrip("/")
-    if out != root and not out.startswith(root + "/"):
-        return never
-
-    def drawn(path: str) -> bool:
-        parts = path[len(out) + 1:].split("/") if path.startswith(out + "/") else []
-        return len(parts) == 3 and parts[1] == SAMPLES and parts[2].endswith(".png")
-
-    return drawn
+def no_images(input_uri: str, extensions: tuple[str, ...], skipped: Counter) -> InputError:
+    said = summarise_skipped(skipped)
+    return InputError(f"no images with extensions {','.join(extensions)} under {input_uri}"
+                      + (f" (skipped: {said})" if said else ""))
 
 
-def require_images(
-    input_uri: str, extensions: tuple[str, ...], output_uri: str | None = None
-) -> None:
+def summarise_skipped(skipped: Mapping[str, int]) -> str:
+    """``2 hidden, 1 broken link``: the nonzero counts, for a person."""
+    return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in skipped.items() if n)
+
+
+def require_images(input_uri: str, extensions: tuple[str, ...]) -> None:
     """Fail in seconds, before any cluster starts, when there is nothing to process."""
-    if next(iter_images(input_uri, extensions, output_uri), None) is None:
-        raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
+    skipped: Counter = Counter()
+    if next(iter_images(input_uri, extensions, skipped), None) is None:
+        raise no_images(input_uri, extensions, skipped)
 
 
 def index_uri(listing_uri: str) -> str:
@@ -187,17 +272,16 @@ def write_listing(
     extensions: tuple[str, ...],
     shard_size: int,
     limit: int | None = None,
-    output_uri: str | None = None,
 ) -> dict[str, Any]:
     """Write ``listing_uri/shard-NNNNN.parquet`` files and the index; returns image and shard
-    counts (and how many sample pictures of runs under ``output_uri`` were left out, see
-    ``iter_images``). An intact listing already written with the same settings is reused."""
+    counts, and what was skipped by reason (see ``iter_images``). An intact listing already
+    written with the same settings is reused."""
     key = {"input_uri": input_uri, "extensions": sorted(extensions), "shard_size": shard_size,
            "limit": limit}
     index = read_index(listing_uri)
-    if _reusable(index, key):
+    if _reusable(index, key) and isinstance(index.get("skipped"), dict):
         return {"images": index["images"], "shards": len(index["files"]), "reused": True,
-                "skipped_samples": index.get("skipped_samples", 0)}
+                "skipped": index["skipped"]}
     storage.remove(index_uri(listing_uri))
     storage.remove(listing_uri)
     count = shards = 0
@@ -213,8 +297,8 @@ def write_listing(
             shards += 1
             batch = []
 
-    skipped: list[str] = []
-    for uri, size in iter_images(input_uri, extensions, output_uri, skipped):
+    skipped: Counter = Counter()
+    for uri, size in iter_images(input_uri, extensions, skipped):
         if limit is not None and count >= limit:
             break
         batch.append({"image_uri": uri, "size": size, "index": count, "shard": shards})
@@ -223,7 +307,9 @@ def write_listing(
             flush()
     flush()
     if count == 0:
-        raise InputError(f"no images with extensions {','.join(extensions)} under {input_uri}")
-    index = {"key": key, "images": count, "files": files, "skipped_samples": len(skipped)}
+        raise no_images(input_uri, extensions, skipped)
+    # Every reason, zeros too: consumers of the manifest find the same keys in every run.
+    counts = {reason: skipped[reason] for reason in SKIP_REASONS}
+    index = {"key": key, "images": count, "files": files, "skipped": counts}
     storage.atomic_write_bytes(index_uri(listing_uri), json.dumps(index).encode())
-    return {"images": count, "shards": shards, "reused": False, "skipped_samples": len(skipped)}
+    return {"images": count, "shards": shards, "reused": False, "skipped": counts}

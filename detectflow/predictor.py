@@ -54,7 +54,7 @@ def decode_one(uri: str, max_side: int, ship_jpeg: bool = False) -> dict[str, An
     returned as read, for a GPU actor to decode.
     """
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_image(uri)
         if ship_jpeg and (size := imaging.plain_jpeg_size(data, max_side)):
             return {"encoded": data, "height": size[0], "width": size[1],
                     "orig_height": size[0], "orig_width": size[1], "error": None}

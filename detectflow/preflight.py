@@ -65,7 +65,7 @@ def preflight(cfg: RunConfig, wait: bool = True) -> ResolvedWeights:
     (``weightcheck.start(...).wait()``), e.g. once it has started Ray."""
     weights = resolve_weights(cfg.model, cfg.weights)
     check = weightcheck.start(cfg.model, weights)
-    require_images(cfg.input_uri, cfg.extensions, cfg.output_uri)
+    require_images(cfg.input_uri, cfg.extensions)
     check_output(cfg.output_uri)
     if wait:
         check.wait()

@@ -104,6 +104,7 @@ def build_manifest(
     parameters: dict[str, Any],
     weights: dict[str, str],
     input_count: int,
+    input_skipped: dict[str, int],
     stats: DetectStats,
     files: list[dict[str, Any]],
     samples: list[str],
@@ -120,7 +121,8 @@ def build_manifest(
         "model": {"name": parameters["model"], "weights": weights,
                   "precision": parameters.get("precision", "fp32")},
         "resources": asdict(stats.plan) if stats.plan else None,
-        "input": {"uri": parameters["input_uri"], "count": input_count},
+        "input": {"uri": parameters["input_uri"], "count": input_count,
+                  "skipped": input_skipped},
         "output": {
             "format": "parquet",
             "rows": sum(f["rows"] for f in files),

@@ -77,7 +77,7 @@ def draw(row: dict[str, Any], max_side: int = SAMPLE_MAX_SIDE) -> Image.Image:
     without importing torch."""
     from PIL import ImageDraw, ImageFont
 
-    image, full_hw = imaging.open_bounded(storage.read_bytes(row["image_uri"]), max_side)
+    image, full_hw = imaging.open_bounded(storage.read_image(row["image_uri"]), max_side)
     if not row["boxes"]:
         return image
     boxes = imaging.rescale_boxes(np.asarray(row["boxes"]), full_hw, (image.height, image.width))

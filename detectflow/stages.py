@@ -18,7 +18,7 @@ class Listing:
     images: int
     shards: int
     reused: bool  # an earlier attempt of this run id had listed the same input
-    skipped_samples: int  # sample pictures of runs under the output, never input
+    skipped: dict[str, int]  # entries left out under the input, by reason (listing.SKIP_REASONS)
     seconds: float
 
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -120,6 +121,42 @@ def sha256_file(uri: str, chunk: int = 8 << 20) -> str:
 def read_bytes(uri: str) -> bytes:
     fs, path = get_fs(uri)
     return fs.cat_file(path)
+
+
+# A local file name need not be UTF-8 (Linux names are bytes), and Parquet strings must be. Such a
+# path is written as a ``file://`` URI with each byte that is not part of valid UTF-8 as ``%XX``
+# and ``%`` itself as ``%25``; every other local path stays as it is, so the scheme says which.
+FILE_URI = "file://"
+_ESCAPED = range(0xDC80, 0xDD00)  # what Python decodes an undecodable byte to (surrogateescape)
+
+
+def local_image_uri(path: str) -> str:
+    """The ``image_uri`` of a local file (the inverse of :func:`image_path`)."""
+    if path.isascii():
+        return path
+    text = os.fsencode(path).decode("utf-8", "surrogateescape")
+    if not any(ord(c) in _ESCAPED for c in text):
+        return path
+    return FILE_URI + "".join(
+        f"%{ord(c) - 0xDC00:02X}" if ord(c) in _ESCAPED else "%25" if c == "%" else c
+        for c in os.path.abspath(text))
+
+
+def image_path(image_uri: str) -> str:
+    """The file an ``image_uri`` names: for a local file its path (``os.fsencode`` of it gives
+    the exact bytes of a name that is not UTF-8); any other URI comes back as it is."""
+    if image_uri.startswith(FILE_URI):
+        return os.fsdecode(unquote_to_bytes(image_uri[len(FILE_URI):]))
+    return image_uri
+
+
+def read_image(image_uri: str) -> bytes:
+    """The bytes of the file an ``image_uri`` (a listing row's) names."""
+    path = image_path(image_uri)
+    if is_local(path):  # opened directly: fsspec would parse a name holding "::" as a chain
+        with open(path, "rb") as handle:
+            return handle.read()
+    return read_bytes(path)
 
 
 def exists(uri: str) -> bool:

@@ -5,7 +5,7 @@ import time
 from prefect import get_run_logger, task
 
 from detectflow.config import RunConfig
-from detectflow.listing import write_listing
+from detectflow.listing import summarise_skipped, write_listing
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.publish import run_paths
 from detectflow.stages import Listing
@@ -15,14 +15,12 @@ from detectflow.stages import Listing
 def list_images(cfg: RunConfig) -> Listing:
     start = time.perf_counter()
     listing_uri = run_paths(cfg.run_uri)["listing"]
-    counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit,
-                           output_uri=cfg.output_uri)
+    counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit)
     log = get_run_logger()
     log.info(
         "%s %d images in %d shard(s) from %s", "reused the listing of" if counts["reused"]
         else "listed", counts["images"], counts["shards"], cfg.input_uri,
     )
-    if counts["skipped_samples"]:
-        log.info("left out %d sample picture(s) that runs drew under the output %s",
-                 counts["skipped_samples"], cfg.output_uri)
+    if said := summarise_skipped(counts["skipped"]):
+        log.info("skipped under %s: %s", cfg.input_uri, said)
     return Listing(listing_uri, seconds=time.perf_counter() - start, **counts)

@@ -34,6 +34,7 @@ def publish_manifest(
         parameters=cfg.model_dump(mode="json"),
         weights=weights.as_dict(),
         input_count=listing.images,
+        input_skipped=listing.skipped,
         stats=detected,
         files=written.files,
         samples=sample.samples,

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -84,12 +85,13 @@ def test_a_subfolder_that_cannot_be_read_is_skipped_and_said(tmp_path, caplog):
     warning, as fsspec's walk left it out; the input folder itself must be readable."""
     for name in ["a/1.jpg", "b/2.jpg", "c/3.jpg"]:
         _touch(tmp_path / name)
-    walk = iter_images(str(tmp_path), (".jpg",))
+    skipped = Counter()
+    walk = iter_images(str(tmp_path), (".jpg",), skipped)
     assert next(walk)[0] == str(tmp_path / "a" / "1.jpg")
     shutil.rmtree(tmp_path / "b")  # removed after the walk listed the top folder
     with caplog.at_level("WARNING", logger="detectflow.listing"):
         assert [u for u, _ in walk] == [str(tmp_path / "c" / "3.jpg")]
-    assert f"listing skipped {tmp_path / 'b'}" in caplog.text
+    assert f"listing skipped {tmp_path / 'b'}" in caplog.text and skipped == {"unreadable": 1}
     with pytest.raises(InputError, match="cannot list"):
         list(iter_images(str(tmp_path / "missing"), (".jpg",)))
 
@@ -108,32 +110,66 @@ def test_other_fsspec_filesystems_are_listed_with_their_own_find():
         fs.rm("/listing-test", recursive=True)
 
 
-def test_listing_leaves_out_only_the_samples_runs_drew_inside_the_input(tmp_path):
-    """Output inside (or equal to) the input: ``<output>/<run>/samples/*.png`` are a run's
-    drawings, not input; everything else there, and samples outside the output, are listed."""
+# One tree for every store: (path, what the listing does with it). A folder holding a run
+# (manifest or staging folder) or an output's latest.json is never input, below the input.
+TREE = {
+    "a.jpg": "listed", "sub/b.png": "listed", "sub/notes.txt": "not an image",
+    "dataset/manifest.txt": "not an image", "dataset/c.jpg": "listed",
+    ".hidden.jpg": "hidden", ".notes": "not an image", ".cache/x.jpg": "hidden",
+    ".git/config": "hidden", "sub/.thumbs/y.jpg": "hidden",
+    # an output prefix: loose.jpg sorts before latest.json, the run folder before both
+    "results/20261127T1200Z-ab/manifest.json": "run", "results/loose.jpg": "run",
+    "results/20261127T1200Z-ab/samples/s.png": "run", "results/latest.json": "run",
+    # a published run of another output: its a.jpg sorts before manifest.json
+    "other/run-2/a.jpg": "run", "other/run-2/detections/part-00000.parquet": "run",
+    "other/run-2/manifest.json": "run", "other/run-2/samples/t.png": "run",
+    # a run in progress: 0.jpg sorts before _staging/
+    "busy/0.jpg": "run", "busy/_staging/listing.json": "run", "busy/samples/u.png": "run",
+}
+TREE_SKIPPED = {"hidden": 4, "broken_link": 0, "unreadable": 0, "run_output": 3}
+
+
+def _listed(uris, root):
+    return [u[len(root) + 1:] for u, _ in uris]
+
+
+def test_one_skip_rule_hidden_broken_links_and_run_folders(tmp_path):
     inp = tmp_path / "in"
-    ours = ["results/run-1/samples/a.png", "results/20261127T1200Z-ab/samples/b.png"]
-    theirs = ["a.jpg", "results/photos/b.png", "results/run-1/samples/notes.jpg",
-              "results/run-1/samples/deeper/c.png", "other/run-1/samples/d.png",
-              "results/samples/e.png"]
-    for name in ours + theirs:
+    for name in TREE:
         _touch(inp / name)
+    (inp / "dead.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (inp / "sub" / "gone").symlink_to(tmp_path / "no-folder")
     exts = (".jpg", ".png")
-    skipped: list[str] = []
-    listed = [u for u, _ in iter_images(str(inp), exts, str(inp / "results"), skipped)]
-    assert listed == sorted(str(inp / n) for n in theirs)
-    assert skipped == sorted(str(inp / n) for n in ours)
-    # The output is the input itself: run folders sit right under it.
-    listed = [u for u, _ in iter_images(str(inp / "results"), exts, str(inp / "results"))]
-    assert listed == sorted(str(inp / n) for n in theirs if n.startswith("results/"))
-    # Elsewhere, or not given: nothing is left out.
-    assert len(list(iter_images(str(inp), exts, str(tmp_path / "out")))) == len(ours + theirs)
-    assert len(list(iter_images(str(inp), exts))) == len(ours + theirs)
+    skipped = Counter()
+    assert _listed(iter_images(str(inp), exts, skipped), str(inp)) == sorted(
+        n for n, what in TREE.items() if what == "listed")
+    assert skipped == Counter({**TREE_SKIPPED, "broken_link": 2})
+    # The input itself is never skipped: here an output prefix, and a run folder.
+    assert _listed(iter_images(str(inp / "results"), exts), str(inp / "results")) == ["loose.jpg"]
+    assert _listed(iter_images(str(inp / "busy"), exts), str(inp / "busy")) == [
+        "0.jpg", "samples/u.png"]
     for reused in (False, True):
-        counts = write_listing(str(inp), str(tmp_path / "listing"), exts, 100,
-                               output_uri=str(inp / "results"))
-        assert counts == {"images": len(theirs), "shards": 1, "reused": reused,
-                          "skipped_samples": len(ours)}
+        counts = write_listing(str(inp), str(tmp_path / "listing"), exts, 100)
+        assert counts == {"images": 3, "shards": 1, "reused": reused,
+                          "skipped": {**TREE_SKIPPED, "broken_link": 2}}
+    with pytest.raises(InputError, match=r"no images .* \(skipped: 1 hidden, 1 broken link\)$"):
+        write_listing(str(inp / "sub"), str(tmp_path / "l2"), (".gif",), 10)
+
+
+def test_other_fsspec_filesystems_follow_the_same_skip_rule():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in TREE:
+        fs.pipe_file(f"/skip-test/{name}", b"xyz")
+    try:
+        skipped = Counter()
+        listed = _listed(iter_images("memory://skip-test", (".jpg", ".png"), skipped),
+                         "memory:///skip-test")
+        assert listed == sorted(n for n, what in TREE.items() if what == "listed")
+        assert skipped == Counter(TREE_SKIPPED)
+    finally:
+        fs.rm("/skip-test", recursive=True)
 
 
 def test_listing_shards_have_stable_positions_and_honour_limit(tmp_path):
@@ -141,7 +177,8 @@ def test_listing_shards_have_stable_positions_and_honour_limit(tmp_path):
         _touch(tmp_path / "in" / f"{i:02d}.jpg")
     out = tmp_path / "listing"
     counts = write_listing(str(tmp_path / "in"), str(out), (".jpg",), shard_size=3, limit=5)
-    assert counts == {"images": 5, "shards": 2, "reused": False, "skipped_samples": 0}
+    assert counts == {"images": 5, "shards": 2, "reused": False,
+                      "skipped": {"hidden": 0, "broken_link": 0, "unreadable": 0, "run_output": 0}}
     files = sorted(os.listdir(out))
     assert files == ["shard-00000.parquet", "shard-00001.parquet"]
     rows = pq.read_table(out / files[0]).to_pylist() + pq.read_table(out / files[1]).to_pylist()

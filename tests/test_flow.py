@@ -120,20 +120,21 @@ def test_rerun_of_a_published_run_changes_nothing(run, sample_dir, small_weights
 def test_a_run_never_lists_the_samples_an_earlier_run_drew_inside_its_input(
         ray_local, prefect_api, sample_dir, small_weights, tmp_path):
     """Output inside the input (``--input photos --output photos/results``): the first run
-    draws its samples there, and the second must still list only the photos."""
+    draws its samples there, and the second, writing to another output prefix inside the
+    input, must still list only the photos: a folder holding a run is never input."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("chelsea.jpg", "coffee.jpg"):
         (photos / name).write_bytes((sample_dir / name).read_bytes())
     results = photos / "results"
-    for run_id in ("first", "second"):
-        state = detect_objects(input_uri=str(photos), output_uri=str(results), model=SMALL,
+    for run_id, output in (("first", results), ("second", photos / "other")):
+        state = detect_objects(input_uri=str(photos), output_uri=str(output), model=SMALL,
                                weights=str(small_weights), run_id=run_id, sample_size=2,
                                return_state=True)
         assert state.is_completed(), state.message
     assert len(list((results / "first" / "samples").glob("*.png"))) == 2
-    manifest, tables = _read_table(results / "second")
-    assert manifest["counts"]["images"] == 2
+    manifest, tables = _read_table(photos / "other" / "second")
+    assert manifest["counts"]["images"] == 2 and manifest["input"]["skipped"]["run_output"] == 1
     assert tables[0].column("image_uri").to_pylist() == [str(photos / "chelsea.jpg"),
                                                          str(photos / "coffee.jpg")]
 

@@ -373,7 +373,8 @@ def test_listing_of_a_run_is_reused_only_when_intact(tmp_path, sample_dir):
 
     listing = str(tmp_path / "listing")
     first = write_listing(str(sample_dir), listing, (".jpg",), 2)
-    assert first == {"images": 5, "shards": 3, "reused": False, "skipped_samples": 0}
+    assert first == {"images": 5, "shards": 3, "reused": False,
+                     "skipped": {"hidden": 0, "broken_link": 0, "unreadable": 0, "run_output": 0}}
     assert write_listing(str(sample_dir), listing, (".jpg",), 2) == {**first, "reused": True}
     assert not write_listing(str(sample_dir), listing, (".jpg",), 3)["reused"]  # other settings
     shard = tmp_path / "listing" / "shard-00000.parquet"
