@@ -134,15 +134,15 @@ class _S3Lease:
         except Exception as exc:
             if not _precondition_failed(exc):
                 raise
-            try:
-                found = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            try:  # the ETag first: should the lease change after it, the takeover fails
+                etag = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)["ETag"]
+                holder = _read_json(self.fs.cat_file(f"{self.bucket}/{self.key}")) or {}
             except FileNotFoundError:  # released meanwhile: try again
                 return self.try_acquire()
-            holder = _read_json(_read_body(found)) or {}
             if holder.get("expires", 0) > time.time() and not _dead_here(holder):
                 return holder
             try:  # stale: take it over, unless another run just did
-                self.etag = self._put(IfMatch=found["ETag"])
+                self.etag = self._put(IfMatch=etag)
             except Exception as exc2:
                 if not _precondition_failed(exc2):
                     raise
@@ -180,13 +180,7 @@ class _S3Lease:
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc}"
-    return "PreconditionFailed" in text or "412" in text
-
-
-def _read_body(response: dict[str, Any]) -> bytes:
-    body = response["Body"]
-    return body.read() if hasattr(body, "read") else bytes(body)
+    return storage.precondition_failed(exc)
 
 
 def _read_json(data: bytes) -> dict[str, Any] | None:

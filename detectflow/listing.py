@@ -24,6 +24,7 @@ import pyarrow as pa
 from detectflow import storage
 from detectflow.announce import LATEST
 from detectflow.errors import InputError
+from detectflow.lease import LEASE
 from detectflow.publish import MANIFEST, STAGING
 from detectflow.schema import LISTING_SCHEMA
 
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 
 
 # Why an entry under the input was left out (the manifest's ``input.skipped``). A name starting
-# with "." (file or folder) is hidden; a folder holding a run (its manifest or staging folder) or
-# an output's ``latest.json`` is a run's output, never input, whatever output this run writes to.
+# with "." (file or folder) is hidden; a folder holding a run (its manifest, lease or staging
+# folder) or an output's ``latest.json`` is a run's output, never input, whatever output this run
+# writes to.
 SKIP_REASONS = ("hidden", "broken_link", "unreadable", "run_output")
-_RUN_FILES = (MANIFEST, LATEST)
+_RUN_FILES = (MANIFEST, LEASE, LATEST)
 
 
 def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:

@@ -207,16 +207,17 @@ def load_model(
 def read_state_dict(model: str, weights: ResolvedWeights, mmap: bool = False) -> dict:
     """The state dict in ``weights`` (a training checkpoint's ``model`` entry too), loaded with
     ``weights_only=True``; ``mmap`` leaves the tensors' bytes on disk until they are read."""
+    import zipfile
+
     import torch
 
+    # Only torch.save's zip format can be mapped (not the legacy one, nor a file that is neither).
+    is_zip = zipfile.is_zipfile(weights.path)
     try:
-        state = torch.load(weights.path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError as exc:
-        if mmap and "mmap" in str(exc):  # the legacy (non-zip) format cannot be mapped
-            return read_state_dict(model, weights)
-        raise _unloadable(model, weights, exc) from None
+        state = torch.load(weights.path, map_location="cpu", weights_only=True,
+                           mmap=mmap and is_zip)
     except Exception as exc:
-        raise _unloadable(model, weights, exc) from None
+        raise _unloadable(model, weights, exc, is_zip) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision reference training checkpoints
     if not isinstance(state, dict):
@@ -224,12 +225,16 @@ def read_state_dict(model: str, weights: ResolvedWeights, mmap: bool = False) ->
     return state
 
 
-def _unloadable(model: str, weights: ResolvedWeights, exc: BaseException) -> WeightsError:
+def _unloadable(model: str, weights: ResolvedWeights, exc: BaseException,
+                is_zip: bool) -> WeightsError:
     import pickle
 
+    if not is_zip:  # torch.save writes a zip archive; the legacy format is long gone
+        return WeightsError(f"weights for {model}: {weights.source} is not a complete file "
+                            f"saved by torch.save ({type(exc).__name__})")
     if isinstance(exc, pickle.UnpicklingError):  # torch's own text is about its defaults
-        return WeightsError(f"weights for {model}: {weights.source} is not a state dict saved "
-                            "by torch.save, or needs code to load (refused: weights_only=True)")
+        return WeightsError(f"weights for {model}: {weights.source} holds objects that need "
+                            "code to load (refused: weights_only=True)")
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     return WeightsError(f"weights for {model}: cannot load {weights.source} safely "
                         f"(weights_only=True): {type(exc).__name__}: {first}")

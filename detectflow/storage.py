@@ -188,6 +188,11 @@ def atomic_write_bytes(uri: str, data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": sha256_bytes(data)}
 
 
+def precondition_failed(exc: BaseException) -> bool:
+    """An S3 conditional write refused (412): s3fs raises it as FileExistsError."""
+    return isinstance(exc, FileExistsError) or "PreconditionFailed" in f"{type(exc).__name__} {exc}"
+
+
 def create_only_bytes(uri: str, data: bytes) -> bool:
     """Write ``data`` as ``atomic_write_bytes`` does, but only if nothing is at ``uri`` yet:
     False (and nothing written) when something is. Locally a hard link of the finished temporary
@@ -199,7 +204,7 @@ def create_only_bytes(uri: str, data: bytes) -> bool:
             fs.call_s3("put_object", Bucket=path.split("/", 1)[0], Key=path.split("/", 1)[1],
                        Body=data, IfNoneMatch="*")
         except Exception as exc:
-            if "PreconditionFailed" in f"{type(exc).__name__} {exc}" or "412" in str(exc):
+            if precondition_failed(exc):
                 return False
             raise
         return True

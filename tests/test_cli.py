@@ -58,6 +58,20 @@ def test_missing_pretrained_weights_fail_fast_with_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_that_do_not_fit_fail_before_ray_in_one_line(tmp_path, small_weights):
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(small_weights.read_bytes()[:100_000])
+    proc = subprocess.run(
+        CLI + ["run", "--input", str(ROOT / "data" / "sample_images"), "--output",
+               str(tmp_path / "out"), "--model", SMALL, "--weights", str(truncated)],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"detectflow: error: weights for {SMALL}: {truncated} is not a complete file saved by "
+        "torch.save (RuntimeError)"]
+    assert not (tmp_path / "out").exists()  # Ray never started, nothing was written
+
+
 def test_bad_parameter_is_refused_with_the_field_name(tmp_path):
     proc = subprocess.run(CLI + ["run", "--score-threshold", "3"], env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

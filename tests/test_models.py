@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from detectflow import models
+from detectflow import models, weightcheck
 from detectflow.errors import WeightsError
 from detectflow.models import ResolvedWeights, load_model, resolve_weights
 
@@ -88,7 +88,7 @@ class _Payload:
 def test_pickle_with_code_is_refused(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"x": _Payload()}, evil)
-    with pytest.raises(WeightsError, match="cannot load .* safely"):
+    with pytest.raises(WeightsError, match="need code to load .refused: weights_only=True"):
         load_model(SMALL, ResolvedWeights(str(evil), str(evil), "evil.pth", "0"), 0.5)
     assert not os.path.exists("/tmp/detectflow-pwned")
 
@@ -134,3 +134,45 @@ def test_the_flow_its_task_workers_and_decode_tasks_never_import_torch(sample_di
 def test_weights_naming_a_folder_say_it_is_a_folder(tmp_path):
     with pytest.raises(WeightsError, match=f"{SMALL}: {tmp_path} is a folder; give the .pth"):
         resolve_weights(SMALL, str(tmp_path))
+
+
+def _bad_weights(kind: str, folder, small_weights) -> str:
+    path = folder / f"{kind}.pth"
+    if kind == "text":
+        path.write_text("these are not weights\n")
+    elif kind == "truncated":
+        data = small_weights.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "other-architecture":
+        torch.save(models.build_model("ssdlite320_mobilenet_v3_large").state_dict(), path)
+    elif kind == "other-class-count":
+        from torchvision.models import get_model
+
+        net = get_model(SMALL, weights=None, weights_backbone=None, num_classes=3)
+        torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("text", "is not a complete file saved by torch.save"),
+    ("truncated", "is not a complete file saved by torch.save"),
+    ("other-architecture", "does not match the model .* missing keys"),
+    ("other-class-count", r"does not match the model \(\d+ tensors of another shape, e.g. "
+                          r"roi_heads.box_predictor.cls_score.weight \(3, 1024\)"),
+])
+def test_weights_check_refuses_what_cannot_load_into_the_model(kind, reason, tmp_path,
+                                                              small_weights):
+    path = _bad_weights(kind, tmp_path, small_weights)
+    with pytest.raises(WeightsError, match=reason) as err:
+        weightcheck.check(SMALL, path, path)
+    assert "\n" not in str(err.value) and path in str(err.value)
+
+
+def test_weights_check_runs_in_a_subprocess_and_passes_good_weights(tmp_path, small_weights):
+    good = resolve_weights(SMALL, str(small_weights))
+    weightcheck.start(SMALL, good).wait()  # no error
+    bad = resolve_weights(SMALL, _bad_weights("truncated", tmp_path, small_weights))
+    check = weightcheck.start(SMALL, bad)
+    assert weightcheck.start(SMALL, bad) is check  # one check per file in a process
+    with pytest.raises(WeightsError, match="is not a complete file saved by torch.save"):
+        check.wait()
