@@ -90,7 +90,8 @@ def server(tmp_path_factory):
             assert proc.poll() is None, (home / "server.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "prefect server did not start in 180 s"
             time.sleep(0.5)
-        yield {"api": api, "env": env, "client": client, "home": home, "port": port}
+        yield {"api": api, "env": env, "client": client, "home": home, "port": port,
+               "pid": proc.pid}
     finally:
         _stop(proc)
         client.close()
@@ -320,9 +321,90 @@ def test_ui_shows_the_drawn_boxes_on_the_runs_artifact_page(server, worker_run, 
     assert shot.stat().st_size > 50_000  # kept for people to look at: pictures, not a blank page
 
 
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory, sample_dir) -> Path:
+    folder = tmp_path_factory.mktemp("cancel-photos")
+    originals = sorted(sample_dir.glob("*.jpg"))
+    for i in range(60):
+        shutil.copy(originals[i % len(originals)], folder / f"photo-{i:02d}.jpg")
+    return folder
+
+
+def _cancel_mid_detect(server, deployment_id: str, params: dict, staged: Path,
+                       runner: subprocess.Popen, runner_log: Path) -> tuple[dict, float]:
+    """Start a run, wait until detect has staged a shard, cancel it as the UI's Cancel button
+    does (the run goes to Cancelling; its worker or served process stops it). The run as it ends,
+    and the seconds from the cancel to its Cancelled state."""
+    response = _create_run(server, deployment_id, params)
+    assert response.status_code == 201, response.text
+    flow_run_id = response.json()["id"]
+    deadline = time.monotonic() + 300
+    while not list(staged.glob("shard-*.parquet")):
+        assert runner.poll() is None, runner_log.read_text()[-3000:]
+        assert time.monotonic() < deadline, runner_log.read_text()[-3000:]
+        time.sleep(0.2)
+    cancelled = time.monotonic()
+    server["client"].post(f"/flow_runs/{flow_run_id}/set_state",
+                          json={"state": {"type": "CANCELLING", "name": "Cancelling"},
+                                "force": True}).raise_for_status()
+    while True:
+        run = server["client"].get(f"/flow_runs/{flow_run_id}").json()
+        if run["state_type"] in TERMINAL or time.monotonic() - cancelled > 60:
+            return run, time.monotonic() - cancelled
+        time.sleep(0.5)
+
+
+def _assert_cancelled_and_stopped(server, run: dict, seconds: float, keep: set[int],
+                                  log: Path) -> None:
+    assert run["state_type"] == "CANCELLED", (run["state"], log.read_text()[-3000:])
+    assert seconds < 30, f"Cancelled after {seconds:.1f} s"
+    # The run's process and its local Ray are gone; the server and the runner stay.
+    left = settled(lambda: set(_processes_of(server["home"])) - keep, lambda p: not p, timeout=15)
+    assert not left, {pid: cmdline(pid)[:200] for pid in left}
+
+
+@pytest.mark.slow
+def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, small_weights, many_photos,
+                                                     tmp_path_factory):
+    out = tmp_path_factory.mktemp("cancel-worker")
+    log_path = server["home"] / "cancel-worker.log"
+    worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "detectflow"],
+                              env=server["env"], cwd=ROOT, stdout=open(log_path, "wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run, seconds = _cancel_mid_detect(
+            server, deployed["on-demand"]["id"],
+            _params(out, "cancel-me", small_weights, input_uri=str(many_photos), shard_size=8),
+            out / "cancel-me" / "_staging" / "detections", worker, log_path)
+        print(f"\nworker: Cancel → Cancelled in {seconds:.1f} s")
+        _assert_cancelled_and_stopped(server, run, seconds, {worker.pid} | server_pid(server),
+                                      log_path)
+    finally:
+        _stop(worker)
+    assert not (out / "cancel-me" / "manifest.json").exists()
+
+
+def server_pid(server) -> set[int]:
+    """The API server's process and any it started: they stay."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    family, stack = {server["pid"]}, [server["pid"]]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            family.add(child)
+            stack.append(child)
+    return family
+
+
 @pytest.mark.slow
 def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weights,
-                                                   tmp_path_factory):
+                                                   tmp_path_factory, many_photos):
     """``make serve``: the same deployments, executed by a long-running process (no worker runs
     here, so only the served process can pick the run up)."""
     out = tmp_path_factory.mktemp("served-out")
@@ -349,7 +431,17 @@ def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weigh
                                _params(out, "served", small_weights, limit=1, sample_size=1))
         assert response.status_code == 201, response.text
         run = _wait_terminal(server, response.json()["id"], serve, timeout=480)
+        assert run["state_type"] == "COMPLETED", served.read_text()[-4000:]
+        # Cancel from the UI: the served process stops the run, and its Ray, and goes on serving.
+        cancelled, seconds = _cancel_mid_detect(
+            server, on_demand["id"],
+            _params(out, "served-cancel", small_weights, input_uri=str(many_photos),
+                    shard_size=8),
+            out / "served-cancel" / "_staging" / "detections", serve, served)
+        print(f"\nserve: Cancel → Cancelled in {seconds:.1f} s")
+        _assert_cancelled_and_stopped(server, cancelled, seconds,
+                                      {serve.pid} | server_pid(server), served)
+        assert serve.poll() is None
     finally:
         _stop(serve)
-    assert run["state_type"] == "COMPLETED", (server["home"] / "serve.log").read_text()[-4000:]
     assert json.loads((out / "served" / "manifest.json").read_text())["counts"]["images"] == 1
