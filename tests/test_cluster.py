@@ -8,6 +8,7 @@ API then tells where the work ran; the cluster must still be up afterwards.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import s3fs
 from conftest import S3_SECRET, SMALL_MODEL
 from prefect.client.orchestration import get_client
 from ray_nodes import LocalCluster, cmdline
-from settle import completed_task_runs
+from settle import completed_task_runs, settled
 
 from detectflow.config import RunConfig, parse_config
 from detectflow.errors import ConfigError, InputError, OutputError
@@ -337,3 +338,44 @@ def test_same_detections_as_on_a_local_ray(cluster_run, fs, s3, prefect_api, tmp
     print(f"\nwall time, detectflow run, 5 images: 2-node cluster {cluster_run['seconds']:.1f} s, "
           f"local Ray {seconds:.1f} s; detect stage {cluster_s.get('detect', 0):.1f} s vs "
           f"{local['stage_seconds'].get('detect', 0):.1f} s")
+
+
+@pytest.mark.slow
+def test_a_stopped_run_leaves_no_actor_and_the_cluster_up(cluster, cluster_run, fs, s3,
+                                                          prefect_api, tmp_path, sample_dir):
+    from ray.util.state import list_actors
+
+    originals = sorted(sample_dir.glob("*.jpg"))
+    for i in range(40):
+        fs.put_file(str(originals[i % len(originals)]), f"detectflow-in/many/photo-{i:02d}.jpg")
+    args = _s3_args(s3, "stopped") + ["--input", "s3://detectflow-in/many", "--shard-size", "8",
+                                      "--ray-address", cluster.address]
+    proc = subprocess.Popen([sys.executable, "-m", "detectflow", "run", *args],
+                            env=_cli_env(tmp_path, prefect_api), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not fs.glob("detectflow-out/cluster/stopped/_staging/detections/shard-*.parquet"):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+        fs.invalidate_cache()
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    seconds = time.monotonic() - sent
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "detectflow: interrupted; re-run with --run-id stopped to resume")
+    assert seconds < 10, seconds
+
+    def actors():
+        return list_actors(address=cluster.dashboard_url, limit=10_000, detail=True,
+                           raise_on_missing_output=False)
+
+    # Ray Data's own detached actors (its stats, autoscaling coordinator) are shared by every
+    # job on the cluster and outlive each: not the run's.
+    left = settled(lambda: [a for a in actors() if a.state != "DEAD" and not a.is_detached],
+                   lambda found: not found, timeout=20)
+    assert not left, [(a.class_name, a.state) for a in left]
+    assert any("Detector" in a.class_name for a in actors())  # the run's pool existed, and died
+    assert len(cluster.alive_nodes()) == 2
