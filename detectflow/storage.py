@@ -180,6 +180,9 @@ def atomic_write_bytes(uri: str, data: bytes) -> dict[str, Any]:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            exc.filename = exc.filename or path  # a full disk's error names no file otherwise
+            raise
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -218,6 +221,9 @@ def create_only_bytes(uri: str, data: bytes) -> bool:
         os.link(tmp, path)
     except FileExistsError:
         return False
+    except OSError as exc:
+        exc.filename = exc.filename or path
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,6 +8,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from detectflow import workarounds
 from detectflow.config import RunConfig
+from detectflow.errors import output_errors
 from detectflow.models import ResolvedWeights
 from detectflow.orchestration import alive_nodes
 from detectflow.pipeline import DetectStats, plan_resources, run_detection
@@ -18,6 +19,7 @@ PROGRESS_EVERY_S = 5.0
 
 
 @task(name="detect")
+@output_errors("detect")
 def detect(cfg: RunConfig, listing: Listing, weights: ResolvedWeights) -> DetectStats:
     logger = get_run_logger()
     plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())

@@ -5,6 +5,7 @@ import time
 from prefect import get_run_logger, task
 
 from detectflow.config import RunConfig
+from detectflow.errors import output_errors
 from detectflow.listing import summarise_skipped, write_listing
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.publish import run_paths
@@ -12,6 +13,7 @@ from detectflow.stages import Listing
 
 
 @task(name="list_images", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
+@output_errors("list_images")
 def list_images(cfg: RunConfig) -> Listing:
     start = time.perf_counter()
     listing_uri = run_paths(cfg.run_uri)["listing"]

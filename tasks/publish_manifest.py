@@ -7,6 +7,7 @@ from prefect.artifacts import create_link_artifact
 
 from detectflow import failpoints, storage
 from detectflow.config import RunConfig
+from detectflow.errors import output_errors
 from detectflow.models import ResolvedWeights
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
@@ -16,6 +17,7 @@ from detectflow.stages import Listing, Sample, Written
 
 @task(name="publish_manifest", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
+@output_errors("publish_manifest")
 def publish_manifest(
     cfg: RunConfig, weights: ResolvedWeights, listing: Listing, detected: DetectStats,
     sample: Sample, written: Written,

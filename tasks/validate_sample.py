@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from detectflow import imaging, models, storage
 from detectflow.config import RunConfig
-from detectflow.errors import ValidationFailed
+from detectflow.errors import ValidationFailed, output_errors
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
 from detectflow.publish import run_paths
@@ -18,6 +18,7 @@ from detectflow.stages import Sample
 
 @task(name="validate_sample", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
+@output_errors("validate_sample")
 def validate_sample(cfg: RunConfig, detected: DetectStats) -> Sample:
     start = time.perf_counter()
     logger = get_run_logger()

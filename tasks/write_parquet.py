@@ -5,6 +5,7 @@ import time
 from prefect import get_run_logger, task
 
 from detectflow.config import RunConfig
+from detectflow.errors import output_errors
 from detectflow.models import ResolvedWeights
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
@@ -14,6 +15,7 @@ from detectflow.stages import Written
 
 @task(name="write_parquet", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
+@output_errors("write_parquet")
 def write_parquet(cfg: RunConfig, detected: DetectStats, weights: ResolvedWeights) -> Written:
     start = time.perf_counter()
     target = run_paths(cfg.run_uri)["detections"]

@@ -3,6 +3,8 @@ displayed orientation), every broken one becomes a row with a short reason, the 
 
 import io
 import json
+import re
+import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -101,3 +103,31 @@ def test_too_many_failures_mark_the_run_failed_after_writing(corpus, ray_local, 
     assert "3 of 4 images failed" in state.message and "max_failure_fraction=0.1" in state.message
     assert (tmp_path / "strict" / "manifest.json").exists()  # outputs written, then flagged
     assert not (tmp_path / "latest.json").exists()  # but consumers are not pointed at it
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real file system that fills up: a 300 KiB tmpfs (needs the right to mount, as root in
+    a container has)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_the_run_in_one_line_naming_the_stage_and_path(
+        full_disk, sample_dir, ray_local, prefect_api, small_weights):
+    state = detect_objects(input_uri=str(sample_dir), output_uri=str(full_disk / "out"),
+                           model=SMALL, weights=str(small_weights), run_id="full",
+                           return_state=True)
+    assert state.is_failed()
+    # The listing and the staged detections fit; the drawn samples do not.
+    assert re.fullmatch(
+        rf"OutputError: validate_sample: cannot write {full_disk}/out/full/samples/[^ ]+\.png: "
+        "no space left on device", state.message), state.message
+    assert not list(full_disk.rglob("*.tmp-*")) and not (full_disk / "out/full/manifest.json").exists()
+    assert list((full_disk / "out" / "full" / "_staging" / "detections").glob("*.parquet"))
