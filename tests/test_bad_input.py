@@ -131,3 +131,14 @@ def test_a_full_disk_fails_the_run_in_one_line_naming_the_stage_and_path(
         "no space left on device", state.message), state.message
     assert not list(full_disk.rglob("*.tmp-*")) and not (full_disk / "out/full/manifest.json").exists()
     assert list((full_disk / "out" / "full" / "_staging" / "detections").glob("*.parquet"))
+
+
+def test_a_read_only_output_is_refused_before_anything_runs(full_disk, sample_dir, prefect_api,
+                                                            small_weights):
+    subprocess.run(["mount", "-o", "remount,ro", str(full_disk)], check=True)
+    state = detect_objects(input_uri=str(sample_dir), output_uri=str(full_disk / "out"),
+                           model=SMALL, weights=str(small_weights), run_id="ro",
+                           return_state=True)
+    assert state.is_failed()
+    assert state.message == (f"OutputError: cannot write to {full_disk}/out: {full_disk} is not "
+                             "a writable folder")
