@@ -6,6 +6,7 @@ weights file cannot help) and the CLI prints them without a traceback.
 
 import errno
 import functools
+import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -69,3 +70,19 @@ def output_errors(stage: str) -> Callable[[F], F]:
                 raise OutputError(f"{stage}: cannot write {path}: {why}") from None
         return wrapper  # type: ignore[return-value]
     return decorate
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task run with its traceback; a user's mistake is its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], DetectflowError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_user_errors(logger_name: str = "prefect.task_runs") -> None:
+    """Install the filter on Prefect's task-run logger (once per process)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):
+        logger.addFilter(_NoTracebackForUserErrors())

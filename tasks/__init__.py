@@ -1,11 +1,14 @@
 """One Prefect task per pipeline stage; thin wrappers around ``detectflow`` functions."""
 
+from detectflow.errors import quiet_user_errors
 from tasks.detect import detect
 from tasks.list_images import list_images
 from tasks.publish_latest import publish_latest
 from tasks.publish_manifest import publish_manifest
 from tasks.validate_sample import validate_sample
 from tasks.write_parquet import write_parquet
+
+quiet_user_errors()  # in every process that runs a task: a user's mistake is one line
 
 __all__ = ["list_images", "detect", "validate_sample", "write_parquet", "publish_manifest",
            "publish_latest"]

@@ -142,3 +142,21 @@ def test_a_read_only_output_is_refused_before_anything_runs(full_disk, sample_di
     assert state.is_failed()
     assert state.message == (f"OutputError: cannot write to {full_disk}/out: {full_disk} is not "
                              "a writable folder")
+
+
+def test_a_task_that_fails_on_a_users_mistake_logs_no_traceback(caplog):
+    import logging
+
+    import tasks  # noqa: F401 - installs the filter, as in every process that runs a task
+    from detectflow.errors import OutputError
+
+    logger = logging.getLogger("prefect.task_runs")
+    for exc in (OutputError("write_parquet: cannot write x: no space left on device"),
+                RuntimeError("a bug")):
+        try:
+            raise exc
+        except Exception:
+            logger.error("Task run failed with exception: %r", exc, exc_info=True)
+    user, bug = caplog.records[-2:]
+    assert user.exc_info is None and "no space left" in user.getMessage()
+    assert bug.exc_info is not None  # an unexpected error keeps its traceback
