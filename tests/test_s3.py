@@ -45,7 +45,8 @@ def test_s3_to_s3_run_publishes_parquet_samples_and_manifest(s3_run, s3, small_w
     fs = s3_run["fs"]
     run = "detectflow-out/runs/s3-run"
     manifest = json.loads(fs.cat_file(f"{run}/manifest.json"))
-    assert manifest["input"] == {"uri": "s3://detectflow-in/photos", "count": 5}
+    assert manifest["input"] == {"uri": "s3://detectflow-in/photos", "count": 5, "skipped": {
+        "hidden": 0, "broken_link": 0, "unreadable": 0, "run_output": 0}}
     assert manifest["model"]["weights"]["sha256"] == hashlib.sha256(
         small_weights.read_bytes()).hexdigest()
     for entry in manifest["output"]["files"]:  # a reader can trust every listed file
