@@ -1,6 +1,7 @@
 """Stopping `detectflow run` as users do, mid-detect: Ctrl-C in a terminal (SIGINT to the whole
-process group), `kill` (SIGTERM to the process). The command must be gone within seconds with its
-one line and exit code, leave no process behind, and a re-run must resume."""
+process group). The command must be gone within seconds with its one line and exit code, leave no
+process behind, and a re-run must resume. SIGTERM: tests/test_cluster.py (`kill` of a run on a
+cluster) and tests/test_deployments.py (a worker or `serve` cancelling a run)."""
 
 import json
 import os
@@ -107,13 +108,3 @@ def test_ctrl_c_stops_the_run_and_the_rerun_resumes(tmp_path, photos, small_weig
             for r in pq.read_table(out / "ctrl-c" / f["path"]).to_pylist()]
     assert sorted(r["image_uri"] for r in rows) == sorted(str(p) for p in photos.glob("*.jpg"))
     assert manifest["resume"]["shards_reused"] >= 1, manifest["resume"]
-
-
-@pytest.mark.slow
-def test_sigterm_stops_the_run(tmp_path, photos, small_weights):
-    out = tmp_path / "out"
-    proc = _start(tmp_path, photos, out, small_weights, "term")
-    stderr, seconds = _stop_mid_detect(proc, out / "term" / "_staging" / "detections",
-                                       lambda: os.kill(proc.pid, signal.SIGTERM))
-    print(f"\nSIGTERM → exit in {seconds:.1f} s")
-    _assert_stopped(proc, stderr, seconds, 143, "term")
