@@ -37,3 +37,20 @@ def flow_run_logs(client, flow_run_id) -> list:
 
     flow_run = LogFilterFlowRunId(any_=[flow_run_id])
     return client.read_logs(log_filter=LogFilter(flow_run_id=flow_run))
+
+
+def session_processes(sid: int) -> list[str]:
+    """Processes of session ``sid`` (a command started in a session of its own, and everything
+    it started), as 'pid name'; zombies aside."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != b"Z":
+                    found.append(f"{entry.name} {(entry / 'comm').read_text().strip()}")
+            except (OSError, IndexError, ValueError):
+                pass
+    return found

@@ -20,7 +20,7 @@ import s3fs
 from conftest import S3_SECRET, SMALL_MODEL
 from prefect.client.orchestration import get_client
 from ray_nodes import LocalCluster, cmdline
-from settle import completed_task_runs, settled
+from settle import completed_task_runs, session_processes, settled
 
 from detectflow.config import RunConfig, parse_config
 from detectflow.errors import ConfigError, InputError, OutputError
@@ -352,7 +352,8 @@ def test_a_stopped_run_leaves_no_actor_and_the_cluster_up(cluster, cluster_run, 
                                       "--ray-address", cluster.address]
     proc = subprocess.Popen([sys.executable, "-m", "detectflow", "run", *args],
                             env=_cli_env(tmp_path, prefect_api), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     while not fs.glob("detectflow-out/cluster/stopped/_staging/detections/shard-*.parquet"):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -367,6 +368,7 @@ def test_a_stopped_run_leaves_no_actor_and_the_cluster_up(cluster, cluster_run, 
     assert stderr.strip().splitlines()[-1] == (
         "detectflow: interrupted; re-run with --run-id stopped to resume")
     assert seconds < 10, seconds
+    assert not settled(lambda: session_processes(proc.pid), lambda found: not found, timeout=10)
 
     def actors():
         return list_actors(address=cluster.dashboard_url, limit=10_000, detail=True,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from settle import settled
+from settle import session_processes, settled
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -47,20 +47,6 @@ def _start(tmp_path, photos, out, weights, run_id) -> subprocess.Popen:
         start_new_session=True)
 
 
-def _session(sid: int) -> list[str]:
-    """Processes of session ``sid`` (the command and everything it started), as 'pid name'."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()
-                if int(fields[3]) == sid and fields[0] != b"Z":
-                    found.append(f"{entry.name} {(entry / 'comm').read_text().strip()}")
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
 def _stop_mid_detect(proc: subprocess.Popen, staged: Path, send) -> tuple[str, float]:
     """Wait until detect has staged its first shard, signal, and wait for the exit."""
     deadline = time.monotonic() + 300
@@ -68,7 +54,7 @@ def _stop_mid_detect(proc: subprocess.Popen, staged: Path, send) -> tuple[str, f
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "detect staged nothing in 300 s"
         time.sleep(0.1)
-    assert _session(proc.pid), "the run's processes are not in its session"
+    assert session_processes(proc.pid), "the run's processes are not in its session"
     sent = time.monotonic()
     send()
     try:
@@ -86,7 +72,7 @@ def _assert_stopped(proc, stderr: str, seconds: float, code: int, run_id: str) -
     assert "Traceback" not in stderr, stderr[-3000:]
     assert seconds < 10, f"stopped after {seconds:.1f} s"
     # Processes still exiting are given a moment; a local Ray's processes all end.
-    left = settled(lambda: _session(proc.pid), lambda found: not found, timeout=10)
+    left = settled(lambda: session_processes(proc.pid), lambda found: not found, timeout=10)
     assert not left, f"processes left behind: {left}"
 
 
