@@ -62,15 +62,17 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 
+# Two workers, a test module each at a time (its shared Ray, servers or cluster start once).
+WORKERS ?= 2
 test: install
 	$(BIN)/python tools/lockcheck.py check $(LOCK)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 # While developing: everything but the slowest end-to-end cases (marked slow); CI runs `make test`.
 test-fast: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m "not slow"
 
 # Offline weights for trying `make run` on a machine that cannot download torchvision's:
 # a real state dict, batch-norm recalibrated on the bundled photos (see tests/calibrated_weights.py).
