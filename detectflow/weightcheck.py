@@ -5,15 +5,21 @@ as soon as the weights file is known: in ``detectflow run`` it overlaps Ray's st
 memory is gone once it has answered. The state dict is memory-mapped and only its keys and
 shapes are compared, so no weights are read and no activations are built.
 
-``python -m detectflow.weightcheck MODEL PATH SOURCE`` prints the one-line reason and exits 2
-when the weights do not fit.
+A file that fitted is remembered (a stamp named by the model, the file's sha256 and the
+torchvision version, in ``~/.cache/detectflow``): the next runs with the same weights, a nightly
+deployment's, skip the check.
+
+``python -m detectflow.weightcheck MODEL PATH SOURCE [STAMP]`` prints the one-line reason and
+exits 2 when the weights do not fit.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 from detectflow.errors import WeightsError
 from detectflow.models import ResolvedWeights
@@ -22,14 +28,27 @@ _checks: dict[tuple[str, str], WeightsCheck] = {}  # one check per model and fil
 _lock = threading.Lock()
 
 
+def stamp_path(model: str, sha256: str) -> Path | None:
+    """Where a passed check of this model and file is remembered (None without a checksum)."""
+    if not sha256:
+        return None
+    from detectflow.publish import installed_version
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "detectflow"
+    return cache / "weights-checked" / f"{model}-{sha256}-torchvision{installed_version('torchvision')}"
+
+
 class WeightsCheck:
     def __init__(self, model: str, weights: ResolvedWeights) -> None:
         self.model = model
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "detectflow.weightcheck", model, weights.path, weights.source],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         self.error: str | None = None
-        self.done = False
+        stamp = stamp_path(model, weights.sha256)
+        self.done = bool(stamp and stamp.exists())
+        if not self.done:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "detectflow.weightcheck", model, weights.path,
+                 weights.source, str(stamp or "")], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
 
     def wait(self) -> None:
         """Raise :class:`WeightsError` unless the weights fit."""
@@ -67,12 +86,18 @@ def check(model: str, path: str, source: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    model, path, source = argv
+    model, path, source, stamp = (argv + [""])[:4]
     try:
         check(model, path, source)
     except WeightsError as exc:
         print(exc, flush=True)
         return 2
+    if stamp:
+        try:
+            Path(stamp).parent.mkdir(parents=True, exist_ok=True)
+            Path(stamp).touch()
+        except OSError:  # a read-only home: the check runs again next time
+            pass
     return 0
 
 

@@ -176,3 +176,16 @@ def test_weights_check_runs_in_a_subprocess_and_passes_good_weights(tmp_path, sm
     assert weightcheck.start(SMALL, bad) is check  # one check per file in a process
     with pytest.raises(WeightsError, match="is not a complete file saved by torch.save"):
         check.wait()
+
+
+def test_weights_that_fitted_once_are_not_checked_again(tmp_path, monkeypatch, small_weights):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    good = resolve_weights(SMALL, str(small_weights))
+    first = weightcheck.WeightsCheck(SMALL, good)
+    assert not first.done  # a subprocess checks it
+    first.wait()
+    stamp = weightcheck.stamp_path(SMALL, good.sha256)
+    assert stamp.exists() and good.sha256 in stamp.name
+    again = weightcheck.WeightsCheck(SMALL, good)
+    assert again.done and not hasattr(again, "process")  # remembered: no subprocess
+    again.wait()
