@@ -172,23 +172,31 @@ def atomic_write_bytes(uri: str, data: bytes) -> dict[str, Any]:
     """
     fs, path = get_fs(uri)
     if is_local(uri):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            exc.filename = exc.filename or path  # a full disk's error names no file otherwise
-            raise
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_local(path, data, os.replace)
     else:
         fs.pipe_file(path, data)
     return {"bytes": len(data), "sha256": sha256_bytes(data)}
+
+
+def _write_local(path: str, data: bytes, place: Callable[[str, str], None]) -> None:
+    """Write a temporary sibling, fsync it, then ``place`` it at ``path`` (``os.replace``
+    overwrites, ``os.link`` fails if the name exists); the temporary file never stays."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        place(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        exc.filename = exc.filename or path  # a full disk's error names no file otherwise
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def precondition_failed(exc: BaseException) -> bool:
@@ -211,22 +219,10 @@ def create_only_bytes(uri: str, data: bytes) -> bool:
                 return False
             raise
         return True
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.link(tmp, path)
+        _write_local(path, data, os.link)
     except FileExistsError:
         return False
-    except OSError as exc:
-        exc.filename = exc.filename or path
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True
 
 
