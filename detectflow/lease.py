@@ -87,7 +87,11 @@ class _LocalLease:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _read_json(os.pread(fd, 4096, 0))
+            # Its holder writes who it is right after taking the lock: read until it has.
+            for _ in range(40):
+                if holder := _read_json(os.pread(fd, 4096, 0)):
+                    break
+                time.sleep(0.025)
             os.close(fd)
             return holder or {}
         try:  # a holder that just released unlinked this file: lock the new one instead

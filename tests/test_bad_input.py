@@ -144,6 +144,7 @@ def test_a_read_only_output_is_refused_before_anything_runs(full_disk, sample_di
                              "a writable folder")
 
 
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")
 def test_a_task_that_fails_on_a_users_mistake_logs_no_traceback(caplog):
     import logging
 

@@ -1,16 +1,24 @@
-"""`detectflow run` as a user runs it: a fresh process, its own local Ray and Prefect API."""
+"""`detectflow run` as a user runs it: a fresh process, its own local Ray and Prefect API; stopped
+with Ctrl-C mid-detect and run again (SIGTERM: tests/test_cluster.py, and the Prefect worker and
+`serve` cancelling a run in tests/test_deployments.py)."""
 
 import contextlib
+import json
 import os
 import re
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 from parity import assert_same_detections
+from settle import session_processes, settled
 
 from detectflow.cli import options_table
 
@@ -79,51 +87,117 @@ def test_bad_parameter_is_refused_with_the_field_name(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def _run(tmp_path: Path, out: Path, weights: Path, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        CLI + ["run", "--input", str(ROOT / "data" / "sample_images"), "--output", str(out),
-               "--model", SMALL, "--weights", str(weights), "--limit", "2",
-               "--score-threshold", "0.3", "--run-id", "cli-run"],
-        env=_env(tmp_path) | env, capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+IMAGES, SHARD = 24, 6  # several shards: Ctrl-C lands with some staged and some not
 
 
-def test_run_completes_prints_summary_and_run_folder_last(tmp_path, small_weights):
-    out = tmp_path / "out"
-    proc = _run(tmp_path, out, small_weights)
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli-photos")
+    originals = sorted((ROOT / "data" / "sample_images").glob("*.jpg"))
+    for i in range(IMAGES):
+        shutil.copy(originals[i % len(originals)], folder / f"photo-{i:02d}.jpg")
+    return folder
+
+
+def _args(photos: Path, out: Path, weights: Path, *extra: str) -> list[str]:
+    return CLI + ["run", "--input", str(photos), "--output", str(out), "--model", SMALL,
+                  "--weights", str(weights), "--score-threshold", "0.3", "--shard-size",
+                  str(SHARD), "--run-id", "cli-run", *extra]
+
+
+@pytest.fixture(scope="module")
+def stopped_then_resumed(photos, small_weights, tmp_path_factory):
+    """`detectflow run` stopped by Ctrl-C mid-detect (SIGINT to its process group, as a
+    terminal sends it), then run again with the same run id to the end."""
+    tmp = tmp_path_factory.mktemp("cli-run")
+    out = tmp / "out"
+    # Its own session, as a terminal gives a command its own process group: what it starts
+    # (Ray, the API server) is found by the session id afterwards.
+    proc = subprocess.Popen(_args(photos, out, small_weights), env=_env(tmp / "stopped"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    staged = out / "cli-run" / "_staging" / "detections"
+    deadline = time.monotonic() + 300
+    while not list(staged.glob("shard-*.parquet")):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "detect staged nothing in 300 s"
+        time.sleep(0.1)
+    assert session_processes(proc.pid), "the run's processes are not in its session"
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    stopped = {"proc": proc, "stderr": stderr, "seconds": time.monotonic() - sent,
+               "left": settled(lambda: session_processes(proc.pid), lambda f: not f, timeout=10),
+               "manifest_after_stop": (out / "cli-run" / "manifest.json").exists()}
+    rerun = subprocess.run(_args(photos, out, small_weights), env=_env(tmp / "rerun"),
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    return {"stopped": stopped, "rerun": rerun, "out": out, "home": tmp / "rerun" / "prefect-home"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_in_seconds_leaving_nothing_behind(stopped_then_resumed):
+    stopped = stopped_then_resumed["stopped"]
+    print(f"\nCtrl-C → exit in {stopped['seconds']:.1f} s")
+    assert stopped["proc"].returncode == 130, stopped["stderr"][-3000:]
+    assert stopped["stderr"].strip().splitlines()[-1] == (
+        "detectflow: interrupted; re-run with --run-id cli-run to resume")
+    assert "Traceback" not in stopped["stderr"], stopped["stderr"][-3000:]
+    assert stopped["seconds"] < 10
+    assert not stopped["left"], f"processes left behind: {stopped['left']}"
+    assert not stopped["manifest_after_stop"]
+
+
+def test_rerun_resumes_prints_summary_and_run_folder_last(stopped_then_resumed, photos):
+    proc, out = stopped_then_resumed["rerun"], stopped_then_resumed["out"]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == str(out / "cli-run")
     summary = "\n".join(lines[-25:])
-    assert "run cli-run: 2 images, 2 ok, 0 failed" in summary and "images/s" in summary
-    assert "detect: 2/2 images (100%)" in proc.stdout + proc.stderr  # progress was reported
+    assert f"run cli-run: {IMAGES} images, {IMAGES} ok, 0 failed" in summary
+    assert "images/s" in summary
+    assert re.search(r"detect: \d+/\d+ images \(100%\)", proc.stdout + proc.stderr)  # progress
     assert "row/s" not in proc.stdout + proc.stderr  # by us: no terminal bars from a Ray worker
-    table = pq.read_table(out / "cli-run" / "detections" / "part-00000.parquet")
-    assert table.num_rows == 2
-    assert (out / "cli-run" / "manifest.json").exists()
-    assert len(list((out / "cli-run" / "samples").glob("*.png"))) == 2
-    events = _stored_events(tmp_path / "prefect-home")
+    manifest = json.loads((out / "cli-run" / "manifest.json").read_text())
+    rows = [r for f in manifest["output"]["files"]
+            for r in pq.read_table(out / "cli-run" / f["path"]).to_pylist()]
+    assert sorted(r["image_uri"] for r in rows) == sorted(str(p) for p in photos.glob("*.jpg"))
+    assert manifest["resume"]["shards_reused"] >= 1, manifest["resume"]  # the stopped run's
+    assert len(list((out / "cli-run" / "samples").glob("*.png"))) == 4
+    home = stopped_then_resumed["home"]
+    events = _stored_events(home)
     assert events.get("prefect.flow-run.Running") == 1, events  # the run reported to its API...
     assert "prefect.flow-run.heartbeat" not in events, events  # ...which dies with it: no beats
     # Every task's logs reached that API although the run's local Ray killed its workers right
     # after the last task (Prefect sends logs in batches; workarounds.task_logs flushes them).
-    by_task = _task_logs(tmp_path / "prefect-home")
+    by_task = _task_logs(home)
     assert len(by_task) == 6, by_task  # list, detect, validate, write, manifest, latest
     for messages in by_task.values():  # each task's last log, as Prefect writes it
         assert any(m.startswith("Finished in state Completed") for m in messages), messages
-    assert sum(m.startswith("wrote 2 rows") for ms in by_task.values() for m in ms) == 1
+    assert sum(m.startswith(f"wrote {IMAGES} rows") for ms in by_task.values() for m in ms) == 1
 
-    # Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
-    # plain torchvision import, Ray's own shutdown; the same detections.
-    (tmp_path / "plain").mkdir()
-    plain = _run(tmp_path / "plain", tmp_path / "plain-out", small_weights,
-                 DETECTFLOW_TEST_WORKAROUNDS="off")
-    assert plain.stdout.strip().splitlines()[-1] == str(tmp_path / "plain-out" / "cli-run")
-    rows = table.sort_by("image_uri").to_pylist()
-    again = pq.read_table(tmp_path / "plain-out" / "cli-run" / "detections" / "part-00000.parquet")
-    for row, other in zip(rows, again.sort_by("image_uri").to_pylist(), strict=True):
-        assert row["image_uri"] == other["image_uri"] and len(row["boxes"]) > 0
+
+@pytest.mark.slow
+def test_every_workaround_off_gives_the_same_detections(stopped_then_resumed, photos,
+                                                        small_weights, tmp_path):
+    """Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
+    plain torchvision import, Ray's own shutdown; the same detections."""
+    out = tmp_path / "plain-out"
+    plain = subprocess.run(_args(photos, out, small_weights, "--limit", "2"),
+                           env=_env(tmp_path) | {"DETECTFLOW_TEST_WORKAROUNDS": "off"},
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert plain.stdout.strip().splitlines()[-1] == str(out / "cli-run")
+    run_dir = stopped_then_resumed["out"] / "cli-run"
+    shortcut = {r["image_uri"]: r for r in pq.read_table(run_dir / "detections").to_pylist()}
+    again = pq.read_table(out / "cli-run" / "detections").sort_by("image_uri").to_pylist()
+    assert len(again) == 2
+    for other in again:
+        row = shortcut[other["image_uri"]]
+        assert len(row["boxes"]) > 0
         assert_same_detections(other, {"boxes": torch.tensor(row["boxes"]).reshape(-1, 4),
                                        "scores": torch.tensor(row["scores"]),
                                        "labels": torch.tensor(row["labels"])})
