@@ -154,15 +154,3 @@ def s3_auth(moto_server):
         url + "/moto-api/reset-auth", data=b"0", method="POST",
         headers={"Content-Type": "text/plain"}), timeout=10)
     return url, key["AccessKeyId"], key["SecretAccessKey"]
-
-
-# The longest modules first: `make test` hands whole modules to its two workers in collection
-# order (`--dist loadfile`), and a long module taken last would run alone at the end.
-LONGEST_FIRST = ("test_deployments.py", "test_cli.py", "test_cluster.py", "test_reliability.py",
-                 "test_bad_input.py", "test_api_server.py", "test_flow.py", "test_s3.py",
-                 "test_default_model.py", "test_file_names.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's order
