@@ -200,6 +200,58 @@ def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local,
     assert manifest["counts"]["images"] == 5 and manifest["output"]["rows"] == 5
 
 
+@pytest.mark.slow
+def test_the_terminal_shows_no_traceback_for_an_outage_and_a_killed_actor(s3, sample_dir,
+                                                                         small_weights, tmp_path):
+    """Both README rows as a user meets them, through `detectflow run`: S3 refuses the listing's
+    writes for a while and an inference actor is SIGKILLed mid-run; the run completes and the
+    terminal shows Ray's and Prefect's one-line notes, never a Python traceback."""
+    fs = s3fs.S3FileSystem(endpoint_url=s3)
+    originals = sorted(sample_dir.glob("*.jpg"))
+    for i in range(MANY):
+        fs.put_file(str(originals[i % len(originals)]), f"detectflow-in/terminal/photo-{i:02d}.jpg")
+    attempts = _attempts_of_one_write(s3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    staged = "detectflow-out/terminal/terminal/_staging/detections/shard-*.parquet"
+    with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "detectflow", "run", "--input", "s3://detectflow-in/terminal",
+             "--output", "s3://detectflow-out/terminal", "--model", SMALL, "--weights",
+             str(small_weights), "--score-threshold", "0.3", "--shard-size", "4",
+             "--batch-size", "2", "--s3-endpoint-url", proxy.url, "--run-id", "terminal"],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        killed = None
+        deadline = time.monotonic() + 300
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            fs.invalidate_cache()
+            if fs.glob(staged):
+                killed = _kill_detector_of_session(proc.pid)
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert killed, "the inference actor was never seen alive mid-run"
+    assert len(proxy.refused) == attempts
+    assert "Traceback" not in stdout + stderr, (stdout + stderr)[-4000:]
+    manifest = json.loads(fs.cat_file("detectflow-out/terminal/terminal/manifest.json"))
+    assert manifest["counts"]["images"] == manifest["output"]["rows"] == MANY
+
+
+def _kill_detector_of_session(sid: int) -> int | None:
+    """SIGKILL the inference actor's process among session ``sid``'s; its pid, if found."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and b"MapWorker(MapBatches(Detector))" in
+                    (entry / "cmdline").read_bytes() and
+                    int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[3]) == sid):
+                os.kill(int(entry.name), signal.SIGKILL)
+                return int(entry.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 # --- crashes of the whole run (a `detectflow run` process tree, SIGKILLed) -----------------------
 
 
