@@ -11,14 +11,11 @@ second. Should the unwinding still hang, a deadline stops the process and what i
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-
-log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Seconds the unwinding may take before the process is stopped without it; the user expects
@@ -108,26 +105,31 @@ def keep_handlers(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None
                 signal.signal(sig, handler)
 
 
-def kill_descendants() -> None:
-    """SIGKILL every process this one started, at any depth (a local Ray's processes, Prefect's
-    temporary server). Linux only (``/proc``); a process that is gone meanwhile is skipped."""
+def descendants(pid: int) -> list[int]:
+    """Every process ``pid`` started, at any depth (Linux: ``/proc``; elsewhere none)."""
     children: dict[int, list[int]] = {}
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return
-    for pid in pids:
+        return []
+    for child in pids:
         try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
+            with open(f"/proc/{child}/stat", "rb") as stat:
                 ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(pid)
-    stack, found = [os.getpid()], []
+        children.setdefault(ppid, []).append(child)
+    stack, found = [pid], []
     while stack:
         for child in children.get(stack.pop(), []):
             found.append(child)
             stack.append(child)
-    for pid in found:
+    return found
+
+
+def kill_descendants() -> None:
+    """SIGKILL every process this one started (a local Ray's processes, Prefect's temporary
+    server); a process that is gone meanwhile is skipped."""
+    for pid in descendants(os.getpid()):
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)

@@ -136,7 +136,7 @@ class _S3Lease:
         try:
             self.etag = self._put(IfNoneMatch="*")
         except Exception as exc:
-            if not _precondition_failed(exc):
+            if not storage.precondition_failed(exc):
                 raise
             try:  # the ETag first: should the lease change after it, the takeover fails
                 etag = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)["ETag"]
@@ -148,7 +148,7 @@ class _S3Lease:
             try:  # stale: take it over, unless another run just did
                 self.etag = self._put(IfMatch=etag)
             except Exception as exc2:
-                if not _precondition_failed(exc2):
+                if not storage.precondition_failed(exc2):
                     raise
                 return holder
             log.warning("took over the lease of run %s's holder (pid %s on %s), which stopped",
@@ -164,7 +164,7 @@ class _S3Lease:
             try:
                 self.etag = self._put(IfMatch=self.etag)
             except Exception as exc:
-                if _precondition_failed(exc):
+                if storage.precondition_failed(exc):
                     self.lost = True
                     log.error("lost the lease on %s/%s to another run", self.bucket, self.key)
                     return
@@ -181,10 +181,6 @@ class _S3Lease:
                 if head.get("ETag") == self.etag:
                     self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
         self.etag = None
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    return storage.precondition_failed(exc)
 
 
 def _read_json(data: bytes) -> dict[str, Any] | None:

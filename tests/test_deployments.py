@@ -21,6 +21,7 @@ from ray_nodes import cmdline
 from settle import settled
 
 from detectflow.config import RunConfig, knob
+from detectflow.interrupt import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -386,20 +387,7 @@ def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, small_weig
 
 def server_pid(server) -> set[int]:
     """The API server's process and any it started: they stay."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    family, stack = {server["pid"]}, [server["pid"]]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            family.add(child)
-            stack.append(child)
-    return family
+    return {server["pid"], *descendants(server["pid"])}
 
 
 @pytest.mark.slow
