@@ -123,6 +123,10 @@ def format_summary(result: dict[str, Any]) -> str:
             lines.append(f"  … {len(per_class) - 15} more classes")
     for failure in result["failures"][:5]:
         lines.append(f"failed: {failure['image_uri']}: {failure['error']}")
+    if evaluation := result.get("evaluation"):
+        m = evaluation["metrics"]
+        lines.append(f"accuracy on {evaluation['matched_images']} labelled images: AP "
+                     f"{m['AP']}, AP50 {m['AP50']}, AP75 {m['AP75']}, AR@100 {m['AR100']}")
     from detectflow.listing import summarise_skipped  # loaded by the run already
 
     if skipped := summarise_skipped(result["input"].get("skipped", {})):  # older manifests: none
@@ -162,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
                 # logs and events to this server; stopping it any earlier makes them retry for
                 # a minute.
                 atexit.register(server.stop)
-            from detectflow import raycluster, storage, weightcheck
+            from detectflow import raycluster, storage
             from detectflow.lease import run_lease
-            from detectflow.preflight import preflight
+            from detectflow.preflight import model_spec, preflight
 
             storage.configure(cfg.s3_endpoint_url)
             # Seconds, not minutes, to learn that weights, input or output are unusable; the
@@ -173,12 +177,12 @@ def run(args: argparse.Namespace) -> int:
             # One run of a run id at a time: the flow (in this process) holds the same lease.
             held.enter_context(run_lease(cfg.run_uri, cfg.run_id, wait=cfg.wait))
             flow = _Background(_import_flow, server)  # Ray is imported by now, Prefect isn't
-            weightcheck.start(cfg.model, weights).wait()
+            model_spec(cfg, weights)
             if server is not None or not own_api:
                 api_url = server.url if server else os.environ["PREFECT_API_URL"]
                 connected = raycluster.connect(
                     cfg.ray_address, raycluster.worker_env(api_url, cfg.s3_endpoint_url),
-                    ship_code=cfg.ship_code, dashboard=cfg.ray_dashboard)
+                    ship_code=cfg.ship_code, dashboard=cfg.ray_dashboard, model=cfg.model)
             # else the plain path: Prefect starts its own temporary server with the flow, and
             # the flow connects Ray once that server's URL is known.
             detect_objects, settings = flow.result()

@@ -14,13 +14,13 @@ import inspect
 import json
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from detectflow.errors import ConfigError
@@ -41,6 +41,8 @@ ModelName = Literal[
     "ssd300_vgg16",
     "ssdlite320_mobilenet_v3_large",
 ]
+# Your own architecture: ``package.module:factory``, called with ``num_classes``.
+FactoryRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,27 @@ class RunConfig(BaseModel):
     output_uri: Annotated[str, Knob(flag="--output"), Field(
         min_length=1, description="Folder or s3:// prefix; the run writes <output>/<run_id>/.",
     )] = "output"
-    model: Annotated[ModelName, RESULTS, Field(
-        description="torchvision detector architecture.",
+    model: Annotated[ModelName | FactoryRef, RESULTS, Field(
+        description="torchvision detector architecture, or package.module:factory for your "
+                    "own (called with num_classes).",
     )] = DEFAULT_MODEL
     weights: Annotated[str | None, RESULTS, Field(
         description="Local .pth path or s3:// URI; empty = torchvision's pretrained weights.",
+    )] = None
+    classes: Annotated[str | None, RESULTS, Field(
+        description="Class names for labels 1, 2, ...: a text file (one per line), a JSON list "
+                    "or COCO annotations; empty = those the weights carry.",
+    )] = None
+    only: Annotated[tuple[str, ...], RESULTS, Field(
+        description="Keep only these classes (comma-separated names); empty = all.",
+    )] = ()
+    ground_truth: Annotated[str | None, Field(
+        description="COCO annotations (file or s3:// URI) of some input images: the run's "
+                    "detections are evaluated against them.",
+    )] = None
+    min_map: Annotated[float | None, Field(
+        ge=0.0, le=1.0, description="Mark the run Failed (after writing) when its AP@[.50:.95] "
+                                    "against the ground truth is below this.",
     )] = None
     score_threshold: Annotated[float, RESULTS, Field(
         ge=0.0, le=1.0, description="Keep detections scoring at least this.",
@@ -195,9 +213,26 @@ class RunConfig(BaseModel):
             return value.rstrip("/")
         return str(Path(value).expanduser().resolve())
 
-    @field_validator("weights")
+    @field_validator("model", mode="before")
     @classmethod
-    def _weights_path(cls, value: str | None) -> str | None:
+    def _known_model(cls, value: object) -> object:
+        # One readable line instead of the union's two errors.
+        if isinstance(value, str) and value not in get_args(ModelName) and not re.fullmatch(
+                r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+            raise ValueError(f"unknown model {value!r}: use a torchvision name (see --help) or "
+                             "package.module:factory")
+        return value
+
+    @field_validator("only", mode="before")
+    @classmethod
+    def _class_names(cls, value: object) -> tuple[str, ...]:
+        # Commas only: class names may hold spaces ("traffic light").
+        items = value.split(",") if isinstance(value, str) else (value or ())
+        return tuple(dict.fromkeys(n.strip() for n in items if str(n).strip()))
+
+    @field_validator("weights", "classes", "ground_truth")
+    @classmethod
+    def _file_uri(cls, value: str | None) -> str | None:
         if not value:
             return None
         if "://" in value:
@@ -218,6 +253,12 @@ class RunConfig(BaseModel):
     @classmethod
     def _absolute_shared_paths(cls, value: object) -> tuple[str, ...]:
         return tuple(str(Path(p).expanduser().resolve()) for p in _items(value or ()))
+
+    @model_validator(mode="after")
+    def _gate_needs_ground_truth(self) -> RunConfig:
+        if self.min_map is not None and not self.ground_truth:
+            raise ValueError("min_map needs ground_truth: the AP is measured against it")
+        return self
 
     def with_run_id(self) -> RunConfig:
         """A copy with a concrete run id, generated when none was given."""
@@ -244,12 +285,14 @@ def knob(field: FieldInfo) -> Knob:
     return next((m for m in field.metadata if isinstance(m, Knob)), Knob())
 
 
-def fingerprint(cfg: RunConfig, weights_sha256: str = "") -> str:
+def fingerprint(cfg: RunConfig, weights_sha256: str = "", categories: Sequence[str] = ()) -> str:
     """What a detection row depends on besides its image: every field marked as changing
-    results, and the weights by content (so weights overwritten at the same path count)."""
+    results, and the weights and class names by content (so a file overwritten at the same
+    path counts)."""
     key = {name: getattr(cfg, name) for name, field in RunConfig.model_fields.items()
            if knob(field).results}
-    key |= {"weights_sha256": weights_sha256, "run_id": cfg.run_id}
+    key |= {"weights_sha256": weights_sha256, "run_id": cfg.run_id,
+            "categories": list(categories)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from detectflow import storage
-from detectflow.errors import WeightsError
+from detectflow.errors import ConfigError, WeightsError
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +73,96 @@ def default_weights(model: str):
 
 
 def categories(model: str) -> list[str]:
-    """Label id → name for ``model`` (every supported model is trained on COCO)."""
+    """Label id → name of torchvision's pretrained weights (every supported model: COCO)."""
     return list(COCO_CATEGORIES)
+
+
+def is_factory(model: str) -> bool:
+    """``package.module:factory``: the user's own architecture, not a torchvision builder."""
+    return ":" in model
+
+
+def import_factory(model: str):
+    """The callable ``package.module:factory`` names. As uvicorn does for ``module:app``, the
+    working directory is searched too, so a model module next to the user's files works."""
+    import importlib
+    import sys
+
+    module_name, _, attr = model.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if os.getcwd() in sys.path or not module_name.startswith(exc.name or "\0"):
+            raise ConfigError(f"model {model}: cannot import {module_name}: {exc}") from None
+        sys.path.append(os.getcwd())
+        return import_factory(model)
+    except Exception as exc:  # the user's module failed while importing
+        raise ConfigError(f"model {model}: importing {module_name} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model {model}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def factory_folder(model: str) -> str | None:
+    """The folder of a factory's top-level package (or its single-file module), for Ray's
+    ``py_modules``; None for torchvision models and for code installed in site-packages,
+    which every node already has."""
+    import importlib.util
+    import sys
+    import sysconfig
+
+    if not is_factory(model):
+        return None
+    top = model.partition(":")[0].split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+        spec = importlib.util.find_spec(top)
+    if spec is None:
+        raise ConfigError(f"model {model}: cannot find the module {top}")
+    folder = (list(spec.submodule_search_locations)[0] if spec.submodule_search_locations
+              else spec.origin)
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    if not folder or any(folder.startswith(p + os.sep) for p in installed):
+        return None
+    return folder
+
+
+# The tensor of a checkpoint whose first dimension is the class count (times the anchors per
+# location for single-stage heads), per family; tests hold it equal to torchvision's builders.
+_CLASS_TENSOR = {
+    "fasterrcnn": ("roi_heads.box_predictor.cls_score.weight", 1),
+    "retinanet": ("head.classification_head.cls_logits.weight", 9),
+    "fcos": ("head.classification_head.cls_logits.weight", 1),
+    "ssd300": ("head.classification_head.module_list.0.weight", 4),
+    "ssdlite320": ("head.classification_head.module_list.0.1.weight", 6),
+}
+
+
+def num_classes_in(model: str, state: dict) -> int | None:
+    """The class count (background included) of the head ``state`` holds; None when its
+    layout is unknown (a factory's own head)."""
+    if is_factory(model):
+        key, anchors = _CLASS_TENSOR["fasterrcnn"]  # the fine-tuning tutorial's predictor
+    else:
+        key, anchors = _CLASS_TENSOR[model.split("_", 1)[0]]
+    tensor = state.get(key)
+    if tensor is None or not hasattr(tensor, "shape") or tensor.shape[0] % anchors:
+        return None
+    return int(tensor.shape[0]) // anchors
+
+
+def input_transform(model: str):
+    """What turns a uint8 CHW image into the model's input: the weights' own preset for a
+    torchvision model, else a float in [0, 1] (torchvision's detection convention)."""
+    if not is_factory(model):
+        return default_weights(model).transforms()
+    import torch
+    from torchvision.transforms.functional import convert_image_dtype
+
+    return lambda image: convert_image_dtype(image, torch.float)
 
 
 def hub_checkpoint_path(model: str) -> Path:
@@ -111,6 +199,8 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
     Actors skip the checksum (``checksum=False``): the flow already recorded it once.
     """
     digest = _sha256 if checksum else (lambda path: "")
+    if not weights and is_factory(model):
+        raise WeightsError(f"model {model} has no pretrained weights: give them with --weights")
     if not weights:
         enum = default_weights(model)
         target = hub_checkpoint_path(model)
@@ -148,16 +238,24 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
     return ResolvedWeights(weights, str(local), name, digest(str(local)))
 
 
-def build_model(model: str, score_threshold: float = 0.05) -> torch.nn.Module:
-    """The torchvision architecture with no weights (nothing is downloaded here)."""
+def build_model(model: str, score_threshold: float = 0.05,
+                num_classes: int = len(COCO_CATEGORIES)) -> torch.nn.Module:
+    """The architecture with no weights (nothing is downloaded here): a torchvision builder,
+    or the user's ``package.module:factory`` called with ``num_classes``."""
+    import torch
+
+    if is_factory(model):
+        net = import_factory(model)(num_classes=num_classes)
+        if not isinstance(net, torch.nn.Module):
+            raise ConfigError(f"model {model}: the factory returned {type(net).__name__}, "
+                              "not a torch.nn.Module")
+        return net
     from torchvision.models import get_model_builder
 
     family = model.split("_", 1)[0]
     kwargs = {_SCORE_KWARG[family]: score_threshold} if family in _SCORE_KWARG else {}
     builder = get_model_builder(model)
-    return builder(
-        weights=None, weights_backbone=None, num_classes=len(categories(model)), **kwargs
-    )
+    return builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
 
 
 @contextlib.contextmanager
@@ -189,12 +287,15 @@ def _leave(tensor, *args, **kwargs):
 
 
 def load_model(
-    model: str, weights: ResolvedWeights, score_threshold: float, device: str = "cpu"
+    model: str, weights: ResolvedWeights, score_threshold: float, device: str = "cpu",
+    num_classes: int | None = None,
 ) -> torch.nn.Module:
-    """Build ``model`` and load ``weights`` into it, strictly; eval mode on ``device``."""
-    with weights_left_unfilled():
-        net = build_model(model, score_threshold)
+    """Build ``model`` with the class count of ``weights`` (or ``num_classes``) and load them
+    into it, strictly; eval mode on ``device``."""
     state = read_state_dict(model, weights)
+    count = num_classes or num_classes_in(model, state) or len(COCO_CATEGORIES)
+    with weights_left_unfilled():
+        net = build_model(model, score_threshold, count)
     check_fit(model, weights, net, state)
     try:
         net.load_state_dict(state, strict=False)  # every key and shape checked above
@@ -205,7 +306,13 @@ def load_model(
 
 
 def read_state_dict(model: str, weights: ResolvedWeights, mmap: bool = False) -> dict:
-    """The state dict in ``weights`` (a training checkpoint's ``model`` entry too), loaded with
+    """The state dict in ``weights`` (a training checkpoint's ``model`` entry too)."""
+    return read_checkpoint(model, weights, mmap)[0]
+
+
+def read_checkpoint(model: str, weights: ResolvedWeights,
+                    mmap: bool = False) -> tuple[dict, list[str] | None]:
+    """The state dict in ``weights`` and the class names it carries, loaded with
     ``weights_only=True``; ``mmap`` leaves the tensors' bytes on disk until they are read."""
     import zipfile
 
@@ -218,11 +325,28 @@ def read_state_dict(model: str, weights: ResolvedWeights, mmap: bool = False) ->
                            mmap=mmap and is_zip)
     except Exception as exc:
         raise _unloadable(model, weights, exc, is_zip) from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # torchvision reference training checkpoints
+    return unwrap_checkpoint(model, weights, state)
+
+
+def unwrap_checkpoint(model: str, weights: ResolvedWeights,
+                      saved: object) -> tuple[dict, list[str] | None]:
+    """The state dict and the class names a checkpoint carries: a bare state dict, or a dict
+    holding it under ``model`` (torchvision's references/detection) or ``state_dict``, with an
+    optional ``categories`` list."""
+    state, names = saved, None
+    if isinstance(saved, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(saved.get(key), dict):
+                state = saved[key]
+                names = saved.get("categories")
+                break
     if not isinstance(state, dict):
         raise WeightsError(f"weights for {model}: {weights.source} does not hold a state dict")
-    return state
+    if names is not None and not (isinstance(names, list | tuple)
+                                  and all(isinstance(n, str) for n in names)):
+        raise WeightsError(f"weights for {model}: the categories in {weights.source} are not a "
+                           "list of names")
+    return state, (list(names) if names is not None else None)
 
 
 def _unloadable(model: str, weights: ResolvedWeights, exc: BaseException,

@@ -101,7 +101,7 @@ def ray_cluster(cfg: Any, env: dict[str, str]) -> Iterator[dict[str, float]]:
     a local Ray we started, and only disconnects from an existing cluster, which keeps running.
     """
     connected_here = raycluster.connect(cfg.ray_address, env, ship_code=cfg.ship_code,
-                                        dashboard=cfg.ray_dashboard) is not None
+                                        dashboard=cfg.ray_dashboard, model=cfg.model) is not None
     try:
         raycluster.await_warm_workers()  # so that the first task runs on the warmed worker
         yield ray.cluster_resources()

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detectflow import failpoints, listing, resume, storage
+from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig, fingerprint
 from detectflow.errors import ConfigError
 from detectflow.predictor import Detector, decode_batch, model_tuning
@@ -291,7 +292,7 @@ def read_listing(batch: pa.Table) -> pa.Table:
 
 
 def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan,
-                  actor_env: dict[str, Any] | None = None):
+                  actor_env: dict[str, Any] | None = None, spec: ModelSpec | None = None):
     """listing shards → decode (CPU tasks) → Detector (actor pool) as a lazy Ray Dataset."""
     import ray.data
 
@@ -328,6 +329,8 @@ def build_dataset(cfg: RunConfig, listing_uris: list[str], plan: ResourcePlan,
             "fold_batchnorm": plan.fold_batchnorm,
             "keep_freed_memory": plan.keep_freed_memory,
             "cpu_threads": actor_threads(plan),
+            **({"num_classes": spec.num_classes, "categories": spec.categories,
+                "keep": spec.keep} if spec else {}),
         },
         batch_size=plan.batch_size,
         batch_format="pyarrow",
@@ -357,7 +360,7 @@ def run_detection(
     images: int,
     plan: ResourcePlan,
     on_progress: Callable[[int, int, float], None] | None = None,
-    weights_sha256: str = "",
+    spec: ModelSpec | None = None,
     actor_env: dict[str, Any] | None = None,
 ) -> DetectStats:
     """Execute the pipeline, stream results into staged shards, and count what came out.
@@ -366,7 +369,7 @@ def run_detection(
     are reused; only the other shards' images are read and inferred.
     """
     shards = listing.read_index(listing_uri)["files"]
-    key = fingerprint(cfg, weights_sha256)
+    key = fingerprint(cfg, spec.weights.sha256, spec.categories) if spec else fingerprint(cfg)
     writer = ShardWriter(staging_uri, {f["shard"]: f["rows"] for f in shards},
                          {f["shard"]: f["sha256"] for f in shards}, key)
     stats = DetectStats(plan=plan)
@@ -383,7 +386,7 @@ def run_detection(
         stats.shards_reused += 1
         stats.images_reused += table.num_rows
     if todo:
-        dataset = build_dataset(cfg, todo, plan, actor_env)
+        dataset = build_dataset(cfg, todo, plan, actor_env, spec)
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             fresh = writer.add(batch)
             stats.add(fresh)

@@ -18,6 +18,7 @@ import math
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -194,6 +195,9 @@ class Detector:
         channels_last: bool | None = None,
         fold_batchnorm: bool | None = None,
         keep_freed_memory: bool = True,
+        num_classes: int | None = None,
+        categories: Sequence[str] | None = None,
+        keep: Sequence[int] = (),
     ) -> None:
         self.model_name = model
         self.run_id = run_id
@@ -207,12 +211,13 @@ class Detector:
                 if keep_freed_memory:  # before the model's first batch allocates
                     allocator.keep_freed_memory()
             resolved = models.resolve_weights(model, weights, checksum=False)
-            net = models.load_model(model, resolved, score_threshold, "cpu")
+            net = models.load_model(model, resolved, score_threshold, "cpu", num_classes)
             self.model = tune_for_device(net.to(self.device), self.device, channels_last,
                                          fold_batchnorm)
         self._local = threading.local()  # each thread's CUDA stream (``gpu_streams`` > 1)
-        self.transforms = models.default_weights(model).transforms()
-        self.categories = models.categories(model)
+        self.transforms = models.input_transform(model)
+        self.categories = list(categories or models.categories(model))
+        self.keep = np.asarray(sorted(keep), dtype=np.int64)  # empty: every label
         self.precision = precision
         self.pid = os.getpid()
 
@@ -346,9 +351,12 @@ class Detector:
                 rows.append(detection_row(**base, width=cols["orig_width"][i],
                                           height=cols["orig_height"][i], error=error))
                 continue
-            keep = pred["scores"] >= self.score_threshold
+            scores, labels = pred["scores"].numpy(), pred["labels"].numpy()
+            keep = scores >= self.score_threshold
+            if self.keep.size:  # ``only``: the other classes' boxes are dropped
+                keep &= np.isin(labels, self.keep)
             boxes = imaging.rescale_boxes(
-                pred["boxes"][keep].numpy(),
+                pred["boxes"].numpy()[keep],
                 (cols["height"][i], cols["width"][i]),
                 (cols["orig_height"][i], cols["orig_width"][i]),
             )
@@ -358,8 +366,8 @@ class Detector:
                     width=cols["orig_width"][i],
                     height=cols["orig_height"][i],
                     boxes=boxes,
-                    scores=pred["scores"][keep].numpy(),
-                    labels=pred["labels"][keep].numpy(),
+                    scores=scores[keep],
+                    labels=labels[keep],
                     categories=self.categories,
                 )
             )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-from detectflow import storage, weightcheck
+from detectflow import classes, storage, weightcheck
+from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig
 from detectflow.errors import ConfigError, InputError, OutputError
 from detectflow.listing import require_images
@@ -59,14 +60,25 @@ def require_shared_storage(cfg: RunConfig, nodes: int) -> None:
         raise ConfigError(f"weights {cfg.weights} is a local path {hint}")
 
 
-def preflight(cfg: RunConfig, wait: bool = True) -> ResolvedWeights:
-    """Weights identity once everything needed is known to be there. The weights' check
-    (``weightcheck``) runs meanwhile; without ``wait`` the caller waits for it later
-    (``weightcheck.start(...).wait()``), e.g. once it has started Ray."""
+def preflight(cfg: RunConfig, wait: bool = True) -> ModelSpec | ResolvedWeights:
+    """The model's spec once everything needed is known to be there: weights, class names,
+    input, output and ground truth. The weights' check (``weightcheck``) runs meanwhile; without
+    ``wait`` this returns the weights at once and the caller gets the spec later
+    (``model_spec``), e.g. once it has started Ray."""
     weights = resolve_weights(cfg.model, cfg.weights)
-    check = weightcheck.start(cfg.model, weights)
+    # A names file is read now to fail fast, and its count helps a factory's unknown head.
+    hint = len(classes.read_names(cfg.classes)[0]) if cfg.classes else 0
+    weightcheck.start(cfg.model, weights, hint)
     require_images(cfg.input_uri, cfg.extensions)
     check_output(cfg.output_uri)
-    if wait:
-        check.wait()
-    return weights
+    if cfg.ground_truth:
+        from detectflow.evaluation import load_ground_truth
+
+        load_ground_truth(cfg.ground_truth)
+    return model_spec(cfg, weights) if wait else weights
+
+
+def model_spec(cfg: RunConfig, weights: ResolvedWeights) -> ModelSpec:
+    """Wait for the weights' check; the run's classes from what it read (``classes.resolve``)."""
+    found = weightcheck.start(cfg.model, weights).wait()
+    return classes.resolve(cfg, weights, found["num_classes"], found["categories"])

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 DETECTIONS = "detections"
 SAMPLES = "samples"
+EVALUATION = "evaluation"
 STAGING = "_staging"
 
 
@@ -36,6 +37,7 @@ def run_paths(run_uri: str) -> dict[str, str]:
         "manifest": storage.join(run_uri, MANIFEST),
         "detections": storage.join(run_uri, DETECTIONS),
         "samples": storage.join(run_uri, SAMPLES),
+        "evaluation": storage.join(run_uri, EVALUATION),
         "staging": storage.join(run_uri, STAGING),
         "listing": storage.join(run_uri, STAGING, "listing"),
         "staged": storage.join(run_uri, STAGING, "detections"),
@@ -103,6 +105,8 @@ def build_manifest(
     run_uri: str,
     parameters: dict[str, Any],
     weights: dict[str, str],
+    classes: dict[str, Any],
+    evaluation: dict[str, Any] | None,
     input_count: int,
     input_skipped: dict[str, int],
     stats: DetectStats,
@@ -119,7 +123,7 @@ def build_manifest(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "parameters": parameters,
         "model": {"name": parameters["model"], "weights": weights,
-                  "precision": parameters.get("precision", "fp32")},
+                  "precision": parameters.get("precision", "fp32"), "classes": classes},
         "resources": asdict(stats.plan) if stats.plan else None,
         "input": {"uri": parameters["input_uri"], "count": input_count,
                   "skipped": input_skipped},
@@ -137,6 +141,7 @@ def build_manifest(
             "per_class": stats.class_counts(),
         },
         "failures": stats.failures,
+        **({"evaluation": evaluation} if evaluation else {}),
         "resume": {  # what an interrupted earlier attempt of this run id had already staged
             "shards": len(stats.staged),
             "shards_reused": stats.shards_reused,

@@ -19,6 +19,7 @@ from detectflow import workarounds
 from detectflow.errors import ConfigError
 from detectflow.gcpause import collection_paused
 from detectflow.interrupt import keep_handlers
+from detectflow.models import factory_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,14 @@ def existing_cluster_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
-def code_runtime_env(ship: bool = True) -> dict[str, Any]:
-    """Ship our own packages to a cluster's workers (``py_modules``).
+def code_runtime_env(ship: bool = True, model: str = "") -> dict[str, Any]:
+    """Ship our own packages, and the package of a ``package.module:factory`` model, to a
+    cluster's workers (``py_modules``).
 
     Nodes of an existing cluster have the dependencies (the same image or environment) but not
-    necessarily this checkout; Ray uploads the three packages once, per content hash, and puts
-    them on every worker's ``sys.path`` (the ``ship_code`` field turns it off).
+    necessarily this checkout; Ray uploads the packages once, per content hash, and puts
+    them on every worker's ``sys.path`` (the ``ship_code`` field turns it off). A local Ray's
+    workers start in the driver's working directory with its ``sys.path``, so need none.
     """
     if not ship:
         return {}
@@ -51,6 +54,8 @@ def code_runtime_env(ship: bool = True) -> dict[str, Any]:
     # meanwhile, and two threads importing one package can see it half-initialised.
     folders = [os.path.dirname(importlib.util.find_spec(name).origin)
                for name in ("detectflow", "tasks", "flows")]
+    if model and (own := factory_folder(model)):
+        folders.append(own)
     return {"py_modules": folders, "excludes": ["__pycache__", "*.pyc"]}
 
 
@@ -77,7 +82,7 @@ def alive_nodes() -> int:
 
 
 def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
-            dashboard: bool = False):
+            dashboard: bool = False, model: str = ""):
     """Connect to ``address`` (``RAY_ADDRESS`` when empty, else a new local Ray) unless this
     process is connected already. Ray's context when it connected here (and so must disconnect),
     else None.
@@ -89,7 +94,7 @@ def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
         return None
     runtime_env: dict[str, Any] = {"env_vars": env}
     if existing := existing_cluster_address(address):
-        runtime_env |= code_runtime_env(ship_code)
+        runtime_env |= code_runtime_env(ship_code, model)
         log.info("connecting to Ray at %s", existing)
         try:
             with keep_handlers():

@@ -38,3 +38,12 @@ class Written:
     files: list[dict[str, Any]]
     rows: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """evaluate: the manifest's ``evaluation`` section and the plots written for it."""
+
+    evaluation: dict[str, Any]
+    plots: list[str]  # paths relative to the run folder
+    seconds: float

@@ -1,7 +1,8 @@
 """The detection DAG on one screen: parameters → five tasks → summary.
 
-list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → validate_sample
-→ write_parquet → publish_manifest (the commit point) → publish_latest (+ a Prefect event).
+list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → [evaluate against
+ground truth] → validate_sample → write_parquet → publish_manifest (the commit point)
+→ publish_latest (+ a Prefect event).
 """
 
 from prefect import flow, get_run_logger
@@ -10,6 +11,7 @@ from prefect.states import Failed
 
 from detectflow import storage
 from detectflow.announce import published_event
+from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig, flow_signature, parse_config
 from detectflow.errors import DetectflowError
 from detectflow.lease import run_lease
@@ -25,6 +27,7 @@ from detectflow.preflight import preflight, require_shared_storage
 from detectflow.publish import read_manifest
 from tasks import (
     detect,
+    evaluate,
     list_images,
     publish_latest,
     publish_manifest,
@@ -46,37 +49,46 @@ def detect_objects(**params) -> dict:
 
 def _run(cfg: RunConfig) -> dict:
     storage.configure(cfg.s3_endpoint_url)
-    weights_id = preflight(cfg)  # seconds: weights, input and output are all usable
+    spec = preflight(cfg)  # seconds: weights, classes, input and output are all usable
+    if spec.source == "generated":
+        get_run_logger().warning("the weights carry no class names: labels are named class_1 "
+                                 "to class_%d (give them with --classes)", spec.num_classes - 1)
     with run_lease(cfg.run_uri, cfg.run_id, wait=cfg.wait):  # one run of a run id at a time
         if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
             get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)
             return finish(cfg, manifest)
-        return finish(cfg, _detect(cfg, weights_id))
+        return finish(cfg, _detect(cfg, spec))
 
 
-def _detect(cfg: RunConfig, weights_id) -> dict:
+def _detect(cfg: RunConfig, spec: ModelSpec) -> dict:
     env = worker_env(cfg.s3_endpoint_url)
     with ray_cluster(cfg, env), task_options(env):
         require_shared_storage(cfg, alive_nodes())  # every node must reach input and output
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
         # surfaces as that stage's own error, and one warm Ray worker runs every task.
         listing = completed(list_images.submit(cfg))
-        detected = completed(detect.submit(cfg, listing, weights_id))
-        sample = completed(validate_sample.submit(cfg, detected))
-        written = completed(write_parquet.submit(cfg, detected, weights_id))
+        detected = completed(detect.submit(cfg, listing, spec))
+        scored = completed(evaluate.submit(cfg, detected, spec)) if cfg.ground_truth else None
+        sample = completed(validate_sample.submit(cfg, detected, spec))
+        written = completed(write_parquet.submit(cfg, detected, spec))
         return completed(publish_manifest.submit(
-            cfg, weights_id, listing, detected, sample, written
+            cfg, spec, listing, detected, sample, written, scored
         )).result()
 
 
 def finish(cfg: RunConfig, manifest: dict):
-    """Outputs are written either way; too many unreadable images marks the run Failed, and only
-    a healthy run moves ``latest.json`` and emits the event consumers trigger on."""
+    """Outputs are written either way; too many unreadable images, or an AP below ``min_map``,
+    marks the run Failed, and only a healthy run moves ``latest.json`` and emits the event
+    consumers trigger on."""
     failed, images = manifest["counts"]["failed"], manifest["counts"]["images"]
     if failed > cfg.max_failure_fraction * images:
         return Failed(message=f"{failed} of {images} images failed (more than "
                       f"max_failure_fraction={cfg.max_failure_fraction:g}); outputs are in "
                       f"{cfg.run_uri}", data=manifest)
+    ap = (manifest.get("evaluation") or {}).get("metrics", {}).get("AP")
+    if cfg.min_map is not None and (ap is None or ap < cfg.min_map):
+        return Failed(message=f"AP@[.50:.95] against the ground truth is {ap} (below min_map="
+                      f"{cfg.min_map:g}); outputs are in {cfg.run_uri}", data=manifest)
     if latest := publish_latest(cfg, manifest):  # runs here, in the flow process, with retries
         emit_event(**published_event(cfg.output_uri, latest))
     return manifest

@@ -7,9 +7,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from detectflow import workarounds
+from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig
 from detectflow.errors import output_errors
-from detectflow.models import ResolvedWeights
 from detectflow.orchestration import alive_nodes
 from detectflow.pipeline import DetectStats, plan_resources, run_detection
 from detectflow.publish import run_paths
@@ -20,7 +20,7 @@ PROGRESS_EVERY_S = 5.0
 
 @task(name="detect")
 @output_errors("detect")
-def detect(cfg: RunConfig, listing: Listing, weights: ResolvedWeights) -> DetectStats:
+def detect(cfg: RunConfig, listing: Listing, spec: ModelSpec) -> DetectStats:
     logger = get_run_logger()
     plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
     logger.info("resource plan: %s", plan.describe())
@@ -45,7 +45,7 @@ def detect(cfg: RunConfig, listing: Listing, weights: ResolvedWeights) -> Detect
     paths = run_paths(cfg.run_uri)
     stats = run_detection(
         cfg, listing.listing_uri, paths["staged"], listing.images, plan, on_progress,
-        weights_sha256=weights.sha256, actor_env=workarounds.actor_runtime_env(),
+        spec=spec, actor_env=workarounds.actor_runtime_env(),
     )
     if stats.shards_reused:
         logger.info("resumed: reused %d staged shard(s) (%d images); inferred %d images",

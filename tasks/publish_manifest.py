@@ -6,21 +6,21 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 
 from detectflow import failpoints, storage
+from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig
 from detectflow.errors import output_errors
-from detectflow.models import ResolvedWeights
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
 from detectflow.publish import build_manifest, run_paths, write_manifest
-from detectflow.stages import Listing, Sample, Written
+from detectflow.stages import Listing, Sample, Scored, Written
 
 
 @task(name="publish_manifest", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
 @output_errors("publish_manifest")
 def publish_manifest(
-    cfg: RunConfig, weights: ResolvedWeights, listing: Listing, detected: DetectStats,
-    sample: Sample, written: Written,
+    cfg: RunConfig, spec: ModelSpec, listing: Listing, detected: DetectStats,
+    sample: Sample, written: Written, scored: Scored | None = None,
 ) -> dict:
     start = time.perf_counter()
     paths = run_paths(cfg.run_uri)
@@ -29,12 +29,15 @@ def publish_manifest(
         "detect": detected.seconds,
         "validate_sample": sample.seconds,
         "write_parquet": written.seconds,
+        **({"evaluate": scored.seconds} if scored else {}),
     }
     manifest = build_manifest(
         run_id=cfg.run_id,
         run_uri=cfg.run_uri,
         parameters=cfg.model_dump(mode="json"),
-        weights=weights.as_dict(),
+        weights=spec.weights.as_dict(),
+        classes=spec.as_dict(),
+        evaluation={**scored.evaluation, "plots": scored.plots} if scored else None,
         input_count=listing.images,
         input_skipped=listing.skipped,
         stats=detected,

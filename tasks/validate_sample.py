@@ -6,7 +6,8 @@ import time
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from detectflow import imaging, models, storage
+from detectflow import imaging, storage
+from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig
 from detectflow.errors import ValidationFailed, output_errors
 from detectflow.orchestration import retry_unless_user_error
@@ -19,12 +20,11 @@ from detectflow.stages import Sample
 @task(name="validate_sample", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
 @output_errors("validate_sample")
-def validate_sample(cfg: RunConfig, detected: DetectStats) -> Sample:
+def validate_sample(cfg: RunConfig, detected: DetectStats, spec: ModelSpec) -> Sample:
     start = time.perf_counter()
     logger = get_run_logger()
-    categories = models.categories(cfg.model)
     rows = pick_sample([s["uri"] for s in detected.staged], cfg.sample_size)
-    problems = [p for row in rows for p in check_row(row, categories)]
+    problems = [p for row in rows for p in check_row(row, spec.categories)]
 
     samples_uri = run_paths(cfg.run_uri)["samples"]
     saved, cards = [], []
