@@ -48,12 +48,17 @@ def config_options() -> list[tuple[str, dict[str, Any], bool]]:
             kwargs["choices"] = get_args(base)
             if len(kwargs["choices"]) > 4:  # too long for the usage line: listed in the help
                 kwargs.update(metavar="NAME", help=_help(field, kwargs["choices"]))
+        elif literals := [a for a in get_args(base) if get_origin(a) is Literal]:
+            # A torchvision name or one of the user's own: the names are listed, not enforced.
+            kwargs.update(metavar="NAME", help=_help(field, get_args(literals[0]),
+                                                     "torchvision's"))
         elif base in (int, float):
             kwargs.update(type=base, metavar="N" if base is int else "X")
         elif get_origin(base) is tuple:
             kwargs["metavar"] = "A,B"
         else:
-            kwargs["metavar"] = "URI" if name.endswith(("_uri", "weights")) else "TEXT"
+            kwargs["metavar"] = "URI" if name.endswith(("_uri", "weights", "classes",
+                                                        "ground_truth")) else "TEXT"
         options.append((meta.flag or "--" + name.replace("_", "-"), kwargs, meta.advanced))
     return options
 
@@ -84,7 +89,7 @@ def _without_none(annotation: Any) -> Any:
         else annotation
 
 
-def _help(field: Any, listed: Sequence[str] = ()) -> str:
+def _help(field: Any, listed: Sequence[str] = (), listing: str = "One of") -> str:
     """The field's description, its bounds and its default (argparse escapes ``%``)."""
     from detectflow.config import REPO_ROOT
 
@@ -100,7 +105,7 @@ def _help(field: Any, listed: Sequence[str] = ()) -> str:
         shown = os.path.relpath(default, REPO_ROOT)  # the same help on every checkout
     else:
         shown = default
-    text = field.description + (f" One of: {', '.join(listed)}." if listed else "") \
+    text = field.description + (f" {listing}: {', '.join(listed)}." if listed else "") \
         + (f" [{', '.join(bounds)}]" if bounds else "")
     return (text + (f" (default: {shown})" if shown is not None else "")).replace("%", "%%")
 

@@ -90,7 +90,8 @@ class RunConfig(BaseModel):
                     "or COCO annotations; empty = those the weights carry.",
     )] = None
     only: Annotated[tuple[str, ...], RESULTS, Field(
-        description="Keep only these classes (comma-separated names); empty = all.",
+        description="Keep only these classes (comma-separated on the command line); "
+                    "empty = all.",
     )] = ()
     ground_truth: Annotated[str | None, Field(
         description="COCO annotations (file or s3:// URI) of some input images: the run's "
