@@ -10,7 +10,7 @@ MODEL   ?= fasterrcnn_resnet50_fpn_v2
 WEIGHTS ?=
 ARGS    ?=
 
-.PHONY: run test test-fast lint lock install install-dev test-weights clean bench deploy worker serve
+.PHONY: run test test-fast lint lock install install-dev test-weights clean bench deploy worker serve shapes-detector
 
 # Everything comes from requirements.lock (every transitive dependency, hash-checked), so a new
 # upstream release changes nothing here until `make lock` is run on purpose. pyproject.toml keeps
@@ -79,6 +79,10 @@ test-fast: install
 test-weights: install
 	$(BIN)/python tests/calibrated_weights.py --model $(MODEL) --images data/sample_images \
 		--out output/weights/$(MODEL)-calibrated.pth
+
+# The small detector the tests and README's "Your own detector" use: synthetic shapes, trained here.
+shapes-detector: install
+	$(BIN)/python -m examples.shapes.train --out examples/shapes/shapes_detector.pth
 
 # Throughput against Ray's reference recipe and the bare model; never part of `make test`. Each
 # run's tables go to output/bench/results/ (the current ones, the method and the lever log are in

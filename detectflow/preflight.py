@@ -71,14 +71,25 @@ def preflight(cfg: RunConfig, wait: bool = True) -> ModelSpec | ResolvedWeights:
     weightcheck.start(cfg.model, weights, hint)
     require_images(cfg.input_uri, cfg.extensions)
     check_output(cfg.output_uri)
-    if cfg.ground_truth:
-        from detectflow.evaluation import load_ground_truth
-
-        load_ground_truth(cfg.ground_truth)
     return model_spec(cfg, weights) if wait else weights
 
 
 def model_spec(cfg: RunConfig, weights: ResolvedWeights) -> ModelSpec:
-    """Wait for the weights' check; the run's classes from what it read (``classes.resolve``)."""
+    """Wait for the weights' check; the run's classes from what it read (``classes.resolve``),
+    and a ground truth that can score them."""
     found = weightcheck.start(cfg.model, weights).wait()
-    return classes.resolve(cfg, weights, found["num_classes"], found["categories"])
+    spec = classes.resolve(cfg, weights, found["num_classes"], found["categories"])
+    if cfg.ground_truth:
+        check_ground_truth(cfg.ground_truth, spec)
+    return spec
+
+
+def check_ground_truth(uri: str, spec: ModelSpec) -> None:
+    """The ground truth loads, and names at least one class the run keeps."""
+    from detectflow.evaluation import GroundTruthError, load_ground_truth
+
+    names = {str(c["name"]) for c in load_ground_truth(uri).dataset["categories"]}
+    kept = {spec.categories[i] for i in spec.keep} or set(spec.categories[1:])
+    if not names & kept:
+        raise GroundTruthError(f"ground truth {uri}: none of its categories ("
+                               f"{', '.join(sorted(names)[:5])}) is a class the run keeps")

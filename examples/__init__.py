@@ -1,0 +1,1 @@
+"""Examples that run on detectflow: small, self-contained, reproducible."""
