@@ -11,6 +11,7 @@ from detectflow import classes, models, weightcheck
 from detectflow.config import REPO_ROOT, RunConfig, fingerprint, parse_config
 from detectflow.errors import ConfigError, WeightsError
 from detectflow.preflight import preflight
+from detectflow.raycluster import code_runtime_env
 
 SHAPES = "examples.shapes.model:tiny_fasterrcnn"
 SHAPES_WEIGHTS = "examples/shapes/shapes_detector.pth"
@@ -177,3 +178,10 @@ def test_ground_truth_that_scores_no_class_of_the_run_fails_before_any_work(tmp_
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match="bad.json: not JSON"):
         _spec(tmp_path, ground_truth=str(tmp_path / "bad.json"))
+
+
+def test_a_factorys_package_travels_to_a_cluster_with_our_code():
+    shipped = code_runtime_env(model=SHAPES)["py_modules"]
+    assert shipped[-1] == str(REPO_ROOT / "examples") and len(shipped) == 4
+    assert code_runtime_env(model="fasterrcnn_resnet50_fpn")["py_modules"] == shipped[:3]
+    assert models.factory_folder("torch.nn:Identity") is None  # installed: every node has it

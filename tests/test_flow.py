@@ -66,6 +66,9 @@ def test_manifest_describes_exactly_what_was_written(run, small_weights):
         "weights": {"source": str(small_weights), "file": small_weights.name,
                     "sha256": storage.sha256_file(str(small_weights))},
         "precision": "fp32",
+        # 91 classes and no names in the file: torchvision's COCO table
+        "classes": {"num_classes": 91, "source": "torchvision",
+                    "names": list(models.COCO_CATEGORIES[1:]), "only": []},
     }
     for entry, table in zip(manifest["output"]["files"], tables):
         path = str(run_dir / entry["path"])

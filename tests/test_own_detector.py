@@ -108,8 +108,10 @@ def test_the_trained_detector_scores_as_a_direct_evaluation_does(run, held_out):
     precision = direct.eval["precision"]  # [iou, recall, class, area, max dets]
     for k, cls in enumerate(evaluation["per_class"]):
         assert cls["name"] == CLASSES[k]
-        values = precision[:, :, k, 0, -1]
-        assert cls["AP"] == pytest.approx(values[values > -1].mean(), abs=1e-3), cls["name"]
+        for key, values in (("AP", precision[:, :, k, 0, -1]),
+                            ("AP50", precision[0, :, k, 0, -1])):  # IoU .50:.95, and .50
+            expected = values[values > -1].mean()
+            assert cls[key] == pytest.approx(expected, abs=1e-3), (cls["name"], key)
     assert evaluation["score_threshold"] == pytest.approx(THRESHOLD)
     assert evaluation["matched_images"] == 40 and evaluation["gt_images"] == 41
 
