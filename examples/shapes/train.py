@@ -52,8 +52,8 @@ def load_dataset(annotation_file: Path) -> tuple[list[torch.Tensor], list[torch.
 
 def augment(rng: np.random.Generator, image: torch.Tensor, boxes: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random flip / transpose (the shapes keep their class under all eight) and a channel
-    shuffle (colours are random anyway): eight times sixteen views of each image for free."""
+    """A random flip / transpose (the shapes keep their class in all eight orientations) and
+    channel order (colours are random anyway): 48 views of each image for free."""
     _, h, w = image.shape
     boxes = boxes.clone()
     if rng.random() < 0.5:  # transpose: x and y swap
@@ -86,17 +86,21 @@ def train(args: argparse.Namespace, workdir: Path, start: float) -> tuple[torch.
     deadline = start + args.minutes * 60
     # The schedule runs over ``planned`` steps: --iterations, unless the pace of the last steps
     # says the deadline comes first. On a fast enough machine the plan never changes, and the
-    # run (so the checkpoint) is the same every time; on a slow one the schedule is compressed.
+    # run (so the checkpoint) is the same every time; on a busy one the schedule is compressed,
+    # and stretched again (up to --iterations) if the machine frees up, the rate never rising.
     planned, iteration, order, smoothed = args.iterations, 0, np.empty(0, dtype=np.int64), None
-    lap = time.monotonic()
-    while iteration < planned and time.monotonic() < deadline:
+    progress, lap = 0.0, time.monotonic()
+    while time.monotonic() < deadline:
         if iteration % REPLAN_EVERY == 0 and iteration:
             now = time.monotonic()
             pace = (now - lap) / REPLAN_EVERY
-            planned = min(planned, iteration + int((deadline - now) / pace))
+            planned = min(args.iterations, iteration + int((deadline - now) / pace))
             lap = now
+        progress = max(progress, iteration / max(planned, 1))
+        if progress >= 1:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(iteration / planned, iteration, args.lr, args.warmup)
+            group["lr"] = lr_at(progress, iteration, args.lr, args.warmup)
         if len(order) < args.batch:  # epochs in a seeded random order
             order = np.concatenate([order, rng.permutation(len(images))])
         batch, order = order[:args.batch], order[args.batch:]
