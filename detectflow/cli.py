@@ -27,7 +27,54 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Detect objects in every image under --input and publish "
                                      "the run under --output.")
     add_config_options(run)
+    export = sub.add_parser(
+        "export", help="write a published run's detections as COCO, YOLO, Pascal VOC or "
+                       "Label Studio files",
+        description="Write the detections of a published run in a labelling or training format.")
+    export.add_argument("source", metavar="SOURCE",
+                        help="A run folder, or an output prefix (its latest.json run); local or "
+                             "s3://.")
+    export.add_argument("--format", required=True, choices=("coco", "yolo", "voc", "labelstudio"))
+    export.add_argument("--out", required=True, metavar="URI", help="Folder or s3:// prefix.")
+    export.add_argument("--min-score", type=float, default=0.0, metavar="X",
+                        help="Leave out boxes scoring below this. (default: 0)")
+    export.add_argument("--only", default="", metavar="A,B",
+                        help="Export only these classes (comma-separated names).")
+    export.add_argument("--image-root", metavar="URL",
+                        help="Label Studio: the URL the input folder is served at; s3:// images "
+                             "keep their URI.")
+    export.add_argument("--yolo-scores", action="store_true",
+                        help="YOLO: a sixth column with each box's score.")
+    export.add_argument("--s3-endpoint-url", metavar="TEXT",
+                        help="S3-compatible endpoint; empty = AWS_ENDPOINT_URL(_S3) or AWS.")
     return parser
+
+
+def export_run(args: argparse.Namespace) -> int:
+    """``detectflow export``: the run's published Parquet files, streamed into ``--format``."""
+    from detectflow import storage
+    from detectflow.exports import export
+    from detectflow.publish import find_run
+
+    storage.configure(args.s3_endpoint_url)
+    run_uri, manifest = find_run(args.source)
+    names = manifest["model"].get("classes", {}).get("names")
+    if names is None:  # a run published before runs recorded their classes: COCO's
+        from detectflow.models import COCO_CATEGORIES
+
+        names = list(COCO_CATEGORIES[1:])
+    model = manifest["model"]
+    done = export(
+        [storage.join(run_uri, f["path"]) for f in manifest["output"]["files"]],
+        args.out.rstrip("/"), args.format, categories=["__background__", *names],
+        input_uri=manifest["parameters"]["input_uri"],
+        model_version=model.get("fingerprint") or model["weights"]["sha256"],
+        min_score=args.min_score, only=[n.strip() for n in args.only.split(",") if n.strip()],
+        image_root=args.image_root, yolo_scores=args.yolo_scores)
+    print(f"exported run {manifest['run_id']}: {done.images} images, {done.boxes} boxes, "
+          f"{done.skipped_errors} failed images skipped, {done.renamed} renamed "
+          f"({args.format}, {len(done.files)} files) to {args.out}")
+    return 0
 
 
 def config_options() -> list[tuple[str, dict[str, Any], bool]]:
@@ -286,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         last_line = lambda: print(interrupted_line(getattr(args, "run_id", None)),  # noqa: E731
                                   file=sys.stderr)
         with stop_on_signals(on_deadline=last_line):
-            return run(args)
+            return export_run(args) if args.command == "export" else run(args)
     except DetectflowError as exc:
         print(f"detectflow: error: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ ModelName = Literal[
     "ssd300_vgg16",
     "ssdlite320_mobilenet_v3_large",
 ]
+ExportFormat = Literal["coco", "yolo", "voc", "labelstudio"]
 # Your own architecture: ``package.module:factory``, called with ``num_classes``.
 FactoryRef = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
 
@@ -101,6 +102,10 @@ class RunConfig(BaseModel):
         ge=0.0, le=1.0, description="Mark the run Failed (after writing) when its AP@[.50:.95] "
                                     "against the ground truth is below this.",
     )] = None
+    exports: Annotated[tuple[ExportFormat, ...], Field(
+        description="Also write the detections in these formats under <run>/exports/ "
+                    "(comma-separated on the command line).",
+    )] = ()
     score_threshold: Annotated[float, RESULTS, Field(
         ge=0.0, le=1.0, description="Keep detections scoring at least this.",
     )] = 0.5
@@ -250,6 +255,11 @@ class RunConfig(BaseModel):
             raise ValueError("at least one extension is needed")
         return exts
 
+    @field_validator("exports", mode="before")
+    @classmethod
+    def _formats(cls, value: object) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_items(value or ())))
+
     @field_validator("shared_paths", mode="before")
     @classmethod
     def _absolute_shared_paths(cls, value: object) -> tuple[str, ...]:
@@ -286,15 +296,21 @@ def knob(field: FieldInfo) -> Knob:
     return next((m for m in field.metadata if isinstance(m, Knob)), Knob())
 
 
-def fingerprint(cfg: RunConfig, weights_sha256: str = "", categories: Sequence[str] = ()) -> str:
-    """What a detection row depends on besides its image: every field marked as changing
-    results, and the weights and class names by content (so a file overwritten at the same
-    path counts)."""
+def model_fingerprint(cfg: RunConfig, weights_sha256: str = "",
+                      categories: Sequence[str] = ()) -> str:
+    """What a detection depends on besides its image: every field marked as changing results,
+    and the weights and class names by content (so a file overwritten at the same path counts).
+    The manifest records it; exports name their model version by it."""
     key = {name: getattr(cfg, name) for name, field in RunConfig.model_fields.items()
            if knob(field).results}
-    key |= {"weights_sha256": weights_sha256, "run_id": cfg.run_id,
-            "categories": list(categories)}
+    key |= {"weights_sha256": weights_sha256, "categories": list(categories)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(cfg: RunConfig, weights_sha256: str = "", categories: Sequence[str] = ()) -> str:
+    """What a staged shard of this run id must match to be reused (``resume``)."""
+    model = model_fingerprint(cfg, weights_sha256, categories)
+    return hashlib.sha256(f"{model}:{cfg.run_id}".encode()).hexdigest()
 
 
 def flow_signature(fn: Callable[..., Any]) -> Callable[..., Any]:

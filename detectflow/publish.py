@@ -106,7 +106,9 @@ def build_manifest(
     parameters: dict[str, Any],
     weights: dict[str, str],
     classes: dict[str, Any],
+    fingerprint: str,
     evaluation: dict[str, Any] | None,
+    exports: list[dict[str, Any]],
     input_count: int,
     input_skipped: dict[str, int],
     stats: DetectStats,
@@ -123,7 +125,8 @@ def build_manifest(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "parameters": parameters,
         "model": {"name": parameters["model"], "weights": weights,
-                  "precision": parameters.get("precision", "fp32"), "classes": classes},
+                  "precision": parameters.get("precision", "fp32"), "classes": classes,
+                  "fingerprint": fingerprint},
         "resources": asdict(stats.plan) if stats.plan else None,
         "input": {"uri": parameters["input_uri"], "count": input_count,
                   "skipped": input_skipped},
@@ -132,6 +135,7 @@ def build_manifest(
             "rows": sum(f["rows"] for f in files),
             "files": files,
             "samples": samples,
+            **({"exports": exports} if exports else {}),
         },
         "counts": {
             "images": stats.images,
@@ -171,3 +175,23 @@ def read_manifest(run_uri: str) -> dict[str, Any] | None:
     if not storage.exists(uri):
         return None
     return json.loads(storage.read_bytes(uri))
+
+
+def find_run(source: str) -> tuple[str, dict[str, Any]]:
+    """A published run and its manifest: ``source`` is its folder, or an output prefix whose
+    ``latest.json`` names it."""
+    from detectflow.errors import InputError
+
+    source = source.rstrip("/")
+    latest = storage.join(source, "latest.json")
+    try:
+        if manifest := read_manifest(source):
+            return source, manifest
+        if storage.exists(latest):
+            run_uri = json.loads(storage.read_bytes(latest))["run_uri"]
+            if manifest := read_manifest(run_uri):
+                return run_uri, manifest
+            raise InputError(f"{latest} names {run_uri}, which has no manifest")
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read a run at {source}: {storage.explain(exc)}") from None
+    raise InputError(f"no published run at {source}: neither manifest.json nor latest.json")

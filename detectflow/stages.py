@@ -47,3 +47,11 @@ class Scored:
     evaluation: dict[str, Any]
     plots: list[str]  # paths relative to the run folder
     seconds: float
+
+
+@dataclass(frozen=True)
+class Exports:
+    """export: per format, its counts and files (paths relative to the run folder)."""
+
+    formats: list[dict[str, Any]]
+    seconds: float

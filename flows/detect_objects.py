@@ -1,8 +1,8 @@
 """The detection DAG on one screen: parameters → five tasks → summary.
 
 list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → [evaluate against
-ground truth] → validate_sample → write_parquet → publish_manifest (the commit point)
-→ publish_latest (+ a Prefect event).
+ground truth] → validate_sample → write_parquet → [export] → publish_manifest (the commit
+point) → publish_latest (+ a Prefect event).
 """
 
 from prefect import flow, get_run_logger
@@ -28,6 +28,7 @@ from detectflow.publish import read_manifest
 from tasks import (
     detect,
     evaluate,
+    export,
     list_images,
     publish_latest,
     publish_manifest,
@@ -71,8 +72,9 @@ def _detect(cfg: RunConfig, spec: ModelSpec) -> dict:
         scored = completed(evaluate.submit(cfg, detected, spec)) if cfg.ground_truth else None
         sample = completed(validate_sample.submit(cfg, detected, spec))
         written = completed(write_parquet.submit(cfg, detected, spec))
+        exported = completed(export.submit(cfg, written, spec)) if cfg.exports else None
         return completed(publish_manifest.submit(
-            cfg, spec, listing, detected, sample, written, scored
+            cfg, spec, listing, detected, sample, written, scored, exported
         )).result()
 
 

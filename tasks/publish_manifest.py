@@ -7,12 +7,12 @@ from prefect.artifacts import create_link_artifact
 
 from detectflow import failpoints, storage
 from detectflow.classes import ModelSpec
-from detectflow.config import RunConfig
+from detectflow.config import RunConfig, model_fingerprint
 from detectflow.errors import output_errors
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
 from detectflow.publish import build_manifest, run_paths, write_manifest
-from detectflow.stages import Listing, Sample, Scored, Written
+from detectflow.stages import Exports, Listing, Sample, Scored, Written
 
 
 @task(name="publish_manifest", retries=2, retry_delay_seconds=2,
@@ -21,6 +21,7 @@ from detectflow.stages import Listing, Sample, Scored, Written
 def publish_manifest(
     cfg: RunConfig, spec: ModelSpec, listing: Listing, detected: DetectStats,
     sample: Sample, written: Written, scored: Scored | None = None,
+    exported: Exports | None = None,
 ) -> dict:
     start = time.perf_counter()
     paths = run_paths(cfg.run_uri)
@@ -30,6 +31,7 @@ def publish_manifest(
         "validate_sample": sample.seconds,
         "write_parquet": written.seconds,
         **({"evaluate": scored.seconds} if scored else {}),
+        **({"export": exported.seconds} if exported else {}),
     }
     manifest = build_manifest(
         run_id=cfg.run_id,
@@ -37,6 +39,8 @@ def publish_manifest(
         parameters=cfg.model_dump(mode="json"),
         weights=spec.weights.as_dict(),
         classes=spec.as_dict(),
+        fingerprint=model_fingerprint(cfg, spec.weights.sha256, spec.categories),
+        exports=exported.formats if exported else [],
         evaluation={**scored.evaluation, "plots": scored.plots} if scored else None,
         input_count=listing.images,
         input_skipped=listing.skipped,

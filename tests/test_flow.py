@@ -1,7 +1,9 @@
 """The whole flow on the bundled photos: real local Ray, real Prefect API, real Parquet."""
 
+import csv
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,8 +20,8 @@ from detectflow.schema import DETECTION_SCHEMA
 from flows.detect_objects import detect_objects
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
-STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest",
-          "publish_latest"}
+STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "export",
+          "publish_manifest", "publish_latest"}  # export: the run asks for one format
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,8 @@ def run(ray_local, prefect_api, sample_dir, small_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     state = detect_objects(
         input_uri=str(sample_dir), output_uri=str(out), model=SMALL, weights=str(small_weights),
-        score_threshold=0.3, batch_size=2, run_id="flow-test", return_state=True,
+        score_threshold=0.3, batch_size=2, run_id="flow-test", exports=["yolo"],
+        return_state=True,
     )
     assert state.is_completed(), state.message
     return {"state": state, "result": state.result(), "dir": out / "flow-test"}
@@ -41,7 +44,7 @@ def _read_table(run_dir):
 
 def test_outputs_exist_and_parquet_reads_back(run, sample_dir):
     run_dir = run["dir"]
-    assert sorted(os.listdir(run_dir)) == ["detections", "manifest.json", "samples"]
+    assert sorted(os.listdir(run_dir)) == ["detections", "exports", "manifest.json", "samples"]
     manifest, tables = _read_table(run_dir)
     table = tables[0]
     assert table.schema.equals(DETECTION_SCHEMA, check_metadata=False)
@@ -69,7 +72,9 @@ def test_manifest_describes_exactly_what_was_written(run, small_weights):
         # 91 classes and no names in the file: torchvision's COCO table
         "classes": {"num_classes": 91, "source": "torchvision",
                     "names": list(models.COCO_CATEGORIES[1:]), "only": []},
+        "fingerprint": manifest["model"]["fingerprint"],
     }
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["model"]["fingerprint"])
     for entry, table in zip(manifest["output"]["files"], tables):
         path = str(run_dir / entry["path"])
         assert entry["sha256"] == storage.sha256_file(path)
@@ -102,6 +107,36 @@ def test_every_task_run_lands_in_the_flow_api_completed(run):
     assert all(t.state.is_completed() for t in task_runs) and len(task_runs) == len(STAGES)
     assert {"detection-samples", "detections-per-category", "run-manifest",
             "detect-progress"} <= artifacts
+
+
+def test_a_coco_model_runs_yolo_export_reads_back_with_supervision(run, sample_dir, tmp_path):
+    import supervision as sv
+
+    manifest, tables = _read_table(run["dir"])
+    folder = run["dir"] / "exports" / "yolo"
+    images = tmp_path / "images"  # YOLO's layout: the images beside their labels, same names
+    images.mkdir()
+    with open(folder / "names.csv", newline="") as mapping:
+        for name, uri in list(csv.reader(mapping))[1:]:
+            os.symlink(uri, images / name)
+    dataset = sv.DetectionDataset.from_yolo(str(images), str(folder / "labels"),
+                                            str(folder / "data.yaml"))
+    real = [n for n in models.COCO_CATEGORIES[1:] if n != "N/A"]
+    assert dataset.classes == real and len(dataset) == 5
+    rows = {os.path.basename(r["image_uri"]): r for r in tables[0].to_pylist()}
+    unnamed = 0  # random weights also predict COCO's unused ids ("N/A"): no class to export
+    for path, _, found in dataset:
+        row = rows[os.path.basename(path)]
+        named = [n != "N/A" for n in row["label_names"]]
+        unnamed += named.count(False)
+        boxes = np.asarray(row["boxes"]).reshape(-1, 4)[named]
+        names = [n for n in row["label_names"] if n != "N/A"]
+        assert len(found) == len(boxes)
+        for xyxy, class_id in zip(found.xyxy, found.class_id):  # each read box is a row's box
+            gap = np.abs(boxes - xyxy).max(axis=1)  # (a box may come twice, once per class)
+            assert any(g <= 0.5 and names[k] == dataset.classes[class_id]
+                       for k, g in enumerate(gap))
+    assert manifest["output"]["exports"][0]["unnamed_boxes"] == unnamed
 
 
 def test_latest_pointer_names_the_published_run(run):

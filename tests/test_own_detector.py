@@ -17,6 +17,7 @@ from prefect.client.orchestration import get_client
 from settle import settled
 from torchvision.io import ImageReadMode, decode_image
 
+from detectflow import storage
 from detectflow.config import REPO_ROOT
 from examples.shapes.data import CLASSES, make_dataset
 from examples.shapes.model import tiny_fasterrcnn
@@ -59,7 +60,7 @@ def _run(held_out, out, run_id, **params):
 @pytest.fixture(scope="module")
 def run(ray_local, prefect_api, held_out, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    state = _run(held_out, out, "shapes")
+    state = _run(held_out, out, "shapes", exports=["coco", "yolo", "voc", "labelstudio"])
     assert state.is_completed(), state.message
     return {"state": state, "manifest": state.result(), "out": out, "dir": out / "shapes"}
 
@@ -204,3 +205,36 @@ def test_the_same_run_from_and_to_s3_gives_the_same_numbers(run, held_out, s3):
                                        + os.path.relpath(held_out["broken"], held_out["images"])]
     assert fs.exists(f"detectflow-out/shapes/shapes-s3/{remote['plots'][0]}")
     assert np.isclose(remote["score_threshold"], THRESHOLD)
+
+
+def test_exports_are_written_before_the_manifest_which_lists_them(run):
+    manifest = run["manifest"]
+    exports = {e["format"]: e for e in manifest["output"]["exports"]}
+    assert set(exports) == {"coco", "yolo", "voc", "labelstudio"}
+    for entry in exports.values():
+        assert entry["images"] == 39 and entry["skipped_errors"] == 1  # the undecodable image
+        for f in entry["files"]:
+            assert storage.sha256_file(str(run["dir"] / f["path"])) == f["sha256"], f["path"]
+    coco = COCO(str(run["dir"] / "exports" / "coco" / "annotations.json"))
+    assert [c["name"] for c in coco.dataset["categories"]] == list(CLASSES)
+    assert len(coco.dataset["annotations"]) == exports["coco"]["boxes"] \
+        == manifest["counts"]["detections"]
+    coco.loadRes(str(run["dir"] / "exports" / "coco" / "results.json"))
+
+
+def test_export_command_reads_the_latest_run_of_a_prefix(run, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "detectflow", "export", str(run["out"]), "--format",
+         "labelstudio", "--out", str(tmp_path / "ls"), "--image-root", "http://files.local/",
+         "--min-score", "0.5", "--only", CLASSES[0]],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "exported run shapes: 39 images" in done.stdout  # latest.json names run "shapes"
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert len(tasks) == 39
+    fingerprint = run["manifest"]["model"]["fingerprint"]
+    results = [r for t in tasks for p in t["predictions"] for r in p["result"]]
+    assert {p["model_version"] for t in tasks for p in t["predictions"]} == {fingerprint}
+    assert results and all(r["value"]["rectanglelabels"] == [CLASSES[0]] and r["score"] >= 0.5
+                           for r in results)
+    assert all(t["data"]["image"].startswith("http://files.local/") for t in tasks)
