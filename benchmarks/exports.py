@@ -30,10 +30,11 @@ CLASSES = ("__background__", "circle", "square", "triangle", "star")
 ROWS_PER_FILE = 1000
 
 
-def write_file(path: Path, start: int, rows: int, rng: np.random.Generator) -> None:
-    """``rows`` detection rows (1 to 9 boxes each), built as Arrow arrays: Python rows would make
-    writing a million of them slower than exporting them."""
-    counts = rng.integers(1, 10, rows)
+def write_file(path: Path, start: int, rows: int, rng: np.random.Generator,
+               per_image: tuple[int, int] = (1, 10)) -> None:
+    """``rows`` detection rows (boxes each: ``per_image`` = [low, high)), built as Arrow arrays:
+    Python rows would make writing a million of them slower than exporting them."""
+    counts = rng.integers(*per_image, rows)
     n = int(counts.sum())
     xy = rng.uniform(0, 500, (n, 2))
     boxes = np.column_stack([xy, xy + rng.uniform(20, 120, (n, 2))]).astype(np.float32)

@@ -18,6 +18,7 @@ import pytest
 from lxml import etree
 from PIL import Image
 
+from benchmarks.exports import write_file
 from detectflow import storage
 from detectflow.errors import ConfigError
 from detectflow.exports import FORMATS, export
@@ -457,39 +458,12 @@ def read_names_text(text: str) -> dict[str, str]:
     return {name: uri for name, uri in rows[1:]}
 
 
-def synthetic_shard(path: Path, start: int, rows: int, rng, boxes_max: int = 10) -> None:
-    """``rows`` detection rows, 0 to ``boxes_max`` boxes each, built as Arrow arrays directly."""
-    counts = rng.integers(0, boxes_max + 1, rows)
-    n = int(counts.sum())
-    xy = rng.uniform(0, 500, (n, 2))
-    boxes = np.column_stack([xy, xy + rng.uniform(5, 120, (n, 2))]).astype(np.float32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    labels = rng.integers(1, len(SHAPES), n)
-
-    def lists(values):
-        return pa.ListArray.from_arrays(offsets, values)
-
-    table = pa.table({
-        "image_uri": pa.array([f"/in/d{i // 1000:04d}/img{i:08d}.jpg"
-                               for i in range(start, start + rows)]),
-        "width": pa.array(np.full(rows, 640, np.int32)),
-        "height": pa.array(np.full(rows, 640, np.int32)),
-        "boxes": lists(pa.FixedSizeListArray.from_arrays(pa.array(boxes.ravel()), 4)),
-        "scores": lists(pa.array(rng.uniform(0, 1, n).astype(np.float32))),
-        "labels": lists(pa.array(labels)),
-        "label_names": lists(pa.array(np.array(SHAPES)[labels])),
-        "model": pa.array(["m"] * rows), "run_id": pa.array(["r"] * rows),
-        "error": pa.nulls(rows, pa.string()),
-    }).cast(DETECTION_SCHEMA)
-    pq.write_table(table, path)
-
-
 def test_many_rows_stream_in_bounded_memory(tmp_path):
     rng = np.random.default_rng(3)
     shards = []
     for i in range(20):
         shards.append(tmp_path / f"part-{i:05d}.parquet")
-        synthetic_shard(shards[-1], i * 1000, 1000, rng, boxes_max=2)
+        write_file(shards[-1], i * 1000, 1000, rng, per_image=(0, 3))
     tracemalloc.start()
     try:
         held = pq.read_table(shards[0]).to_pylist()
