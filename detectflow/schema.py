@@ -36,6 +36,14 @@ DETECTION_SCHEMA = pa.schema(
 POSITION_FIELDS = [pa.field("index", pa.int64(), nullable=False), pa.field("shard", pa.int32())]
 STAGED_SCHEMA = pa.schema(POSITION_FIELDS + list(DETECTION_SCHEMA))
 
+# The detections table across runs (``<output>/table/``, Delta Lake): a published row, plus what
+# it was computed by and from. Key: (image_uri, fingerprint); partitioned by fingerprint.
+TABLE_SCHEMA = pa.schema(
+    list(DETECTION_SCHEMA)
+    + [pa.field("fingerprint", pa.string(), nullable=False),  # config.model_fingerprint
+       pa.field("image_version", pa.string())]  # the listing's size:ETag, or size:mtime_ns
+)
+
 LISTING_SCHEMA = pa.schema(
     [pa.field("image_uri", pa.string(), nullable=False), pa.field("size", pa.int64())]
     + POSITION_FIELDS
