@@ -51,14 +51,14 @@ RUN_ROWS = 1 << 17
 SPILL_BATCH_ROWS = 1 << 10
 # Rows the runs being merged hold together (each at least a batch): the larger, the fewer the
 # passes over all runs.
-MERGE_ROWS = 1 << 17
+MERGE_ROWS = 1 << 16
 # Table rows in one range checked against the shard at once (a range of keys no longer listed
 # can hold any number of them).
 CHECK_ROWS = 1 << 16
 # Table files are read a buffer at a time: whole column chunks of large row groups, read through
 # delta-rs's filesystem as Python bytes, leave the process's peak RSS far higher.
 READ_BUFFER = 1 << 20
-READ_ROWS = 1 << 16
+READ_ROWS = 1 << 13
 # Listing shards read ahead of the decision (object storage answers in tens of milliseconds).
 READ_WORKERS = 4
 READ_AHEAD = 8
