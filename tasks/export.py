@@ -11,7 +11,6 @@ from detectflow.config import RunConfig, model_fingerprint
 from detectflow.errors import output_errors
 from detectflow.exports import export as write_export
 from detectflow.orchestration import retry_unless_user_error
-from detectflow.publish import run_paths
 from detectflow.stages import Exports, Written
 
 
@@ -26,7 +25,7 @@ def export(cfg: RunConfig, written: Written, spec: ModelSpec) -> Exports:
     done = []
     for fmt in cfg.exports:
         folder = f"exports/{fmt}"
-        out = write_export(parquet, storage.join(run_paths(cfg.run_uri)["run"], folder), fmt,
+        out = write_export(parquet, storage.join(cfg.run_uri, folder), fmt,
                            categories=spec.categories, input_uri=cfg.input_uri,
                            model_version=version)
         done.append({"format": fmt, "images": out.images, "boxes": out.boxes,
