@@ -79,7 +79,7 @@ def write_listing(folder: str, classes: np.ndarray, shard_size: int) -> int:
         ids = listed[start:start + shard_size]
         table = pa.table({
             "image_uri": uris(ids), "size": pa.array(ids.astype(np.int64)),
-            "version": versions(ids), "index": pa.array(np.arange(start, start + len(ids))),
+            "image_version": versions(ids), "index": pa.array(np.arange(start, start + len(ids))),
             "shard": pa.array(np.full(len(ids), shards, np.int32)),
         })
         pq.write_table(table, os.path.join(folder, f"shard-{shards:06d}.parquet"))

@@ -164,9 +164,16 @@ def format_summary(result: dict[str, Any]) -> str:
         f"{counts['failed']} failed, {counts['detections']} detections",
         f"model {result['model']['name']} (weights {result['model']['weights']['file']}, "
         f"sha256 {result['model']['weights']['sha256'][:12]}…)",
-        f"detect stage: {result['images_per_second']} images/s; stages (s): "
+        (f"detect stage: {result['images_per_second']} images/s; " if result[
+            "images_per_second"] else "") + "stages (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in result["stage_seconds"].items()),
     ]
+    if inc := result.get("incremental"):
+        lines.insert(1, f"incremental: {inc['listed']} listed, {inc['skipped']} already in "
+                        f"{inc['table']} (from {len(inc['runs'])} earlier run(s)), "
+                        f"{inc['inferred']} detected, {inc['vanished']} no longer listed")
+    if (table := result.get("table")) and table["version"] is not None:
+        lines.append(f"table: {table['table']} version {table['version']}")
     per_class = list(result["counts"]["per_class"].items())
     if per_class:
         lines.append("detections per class:")

@@ -106,6 +106,10 @@ class RunConfig(BaseModel):
         description="Also write the detections in these formats under <run>/exports/ "
                     "(comma-separated on the command line).",
     )] = ()
+    incremental: Annotated[bool, Field(
+        description="Detect only images that no earlier run under this output detected with "
+                    "the same model, or that changed since; the rest are in <output>/table/.",
+    )] = False
     score_threshold: Annotated[float, RESULTS, Field(
         ge=0.0, le=1.0, description="Keep detections scoring at least this.",
     )] = 0.5
@@ -206,6 +210,10 @@ class RunConfig(BaseModel):
         description="Upload detectflow's code to an existing cluster's workers; off when the "
                     "cluster's image has it installed.",
     )] = True
+    table: Annotated[bool, ADVANCED, Field(
+        description="Merge the run's rows into <output>/table/, the Delta Lake table of every "
+                    "detection across runs.",
+    )] = True
     shared_paths: Annotated[tuple[str, ...], ADVANCED, Field(
         description="Folders mounted at the same path on every node of a cluster (NFS), so "
                     "local paths under them may be used there.",
@@ -269,6 +277,8 @@ class RunConfig(BaseModel):
     def _gate_needs_ground_truth(self) -> RunConfig:
         if self.min_map is not None and not self.ground_truth:
             raise ValueError("min_map needs ground_truth: the AP is measured against it")
+        if self.incremental and not self.table:
+            raise ValueError("incremental needs table: earlier runs' detections are found there")
         return self
 
     def with_run_id(self) -> RunConfig:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
+import logging
 import os
 import tempfile
 from collections import deque
@@ -34,16 +36,19 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from detectflow import storage
+from detectflow import listing, storage
+from detectflow import table as tables
+
+log = logging.getLogger(__name__)
 
 KEY = "image_uri"
-VERSION = "version"  # the listing's image version
-TABLE_VERSION = "image_version"  # the version the table's row was computed from
-TABLE_COLUMNS = [KEY, TABLE_VERSION, "error"]
-# What is spilled of a table row: its key, and the version it was computed from when it counts
-# as done (no error), else null.
+VERSION = "image_version"  # the listing's image version, and the one a table row came from
+RUN = "run_id"
+TABLE_COLUMNS = [KEY, VERSION, "error", RUN]
+# What is spilled of a table row: its key, the version it was computed from when it counts as
+# done (no error), else null, and the run that wrote it.
 DONE = "done"
-_SPILL = pa.schema([(KEY, pa.string()), (DONE, pa.string())])
+_SPILL = pa.schema([(KEY, pa.string()), (DONE, pa.string()), (RUN, pa.string())])
 # Rows sorted in memory at once: the peak of the decision. Fewer, longer runs mean fewer cursors
 # to advance when they are merged back.
 RUN_ROWS = 1 << 17
@@ -74,11 +79,14 @@ class ShardDecision:
     infer: pa.Table  # the listing rows to detect (new, changed, or failed before), listing columns
     skipped: int  # rows already in the table for this fingerprint and version, without error
     vanished: int  # table keys (this fingerprint) in this shard's key range no longer listed
+    runs: dict[str, int] | None = None  # run id -> images skipped because that run detected them
 
 
 def decide(listing_uris: Sequence[str], table: str, fingerprint: str, *,
-           storage_options: dict | None = None) -> Iterator[ShardDecision]:
-    """Decide each listing shard in order against the table's rows for ``fingerprint``."""
+           storage_options: dict | None = None,
+           version: int | None = None) -> Iterator[ShardDecision]:
+    """Decide each listing shard in order against the table's rows for ``fingerprint`` (at
+    ``version``, default the latest)."""
     if not listing_uris:
         return
     shards = storage.map_concurrently(_read_shard, listing_uris, workers=READ_WORKERS,
@@ -86,9 +94,10 @@ def decide(listing_uris: Sequence[str], table: str, fingerprint: str, *,
     if not DeltaTable.is_deltatable(table, storage_options=storage_options):
         # First run: nothing to skip, and no table to read.
         for k, shard in enumerate(shards):
-            yield ShardDecision(k, shard, 0, 0)
+            yield ShardDecision(k, shard, 0, 0, {})
         return
-    dataset = DeltaTable(table, storage_options=storage_options).to_pyarrow_dataset(
+    dataset = DeltaTable(table, version=version,
+                         storage_options=storage_options).to_pyarrow_dataset(
         file_pruning_predicate=[("fingerprint", "=", fingerprint)])
     with tempfile.TemporaryDirectory(prefix="detectflow-skips-") as spill:
         path = os.path.join(spill, "runs.arrow")
@@ -166,10 +175,10 @@ def _partition_batches(dataset: ds.Dataset) -> Iterator[pa.RecordBatch]:
             parquet = pq.ParquetFile(source, pre_buffer=False, buffer_size=READ_BUFFER)
             for batch in parquet.iter_batches(batch_size=min(RUN_ROWS, READ_ROWS),
                                               columns=TABLE_COLUMNS):
-                key, version, error = (batch.column(name).cast(pa.string())
-                                       for name in TABLE_COLUMNS)
+                key, version, error, run = (batch.column(name).cast(pa.string())
+                                            for name in TABLE_COLUMNS)
                 done = pc.if_else(pc.is_null(error), version, pa.scalar(None, pa.string()))
-                yield pa.record_batch([key, done], schema=_SPILL)
+                yield pa.record_batch([key, done, run], schema=_SPILL)
 
 
 class _Run:
@@ -270,6 +279,7 @@ def _join(ranges: Iterator[tuple[int, pa.Table, str | None]],
         else:  # a listing without versions proves no image unchanged
             wanted = pa.nulls(shard.num_rows, pa.string())
         done: list[pa.Array] = []
+        runs: list[pa.Array] = []
         vanished = 0
         held: list[pa.Table] = []
         rows = 0
@@ -277,25 +287,29 @@ def _join(ranges: Iterator[tuple[int, pa.Table, str | None]],
             held.append(part)
             rows += part.num_rows
             if rows >= CHECK_ROWS:
-                vanished += _check(pa.concat_tables(held), listed, done)
+                vanished += _check(pa.concat_tables(held), listed, done, runs)
                 held, rows = [], 0
         if held:
-            vanished += _check(pa.concat_tables(held), listed, done)
+            vanished += _check(pa.concat_tables(held), listed, done, runs)
+        skipped, infer, relied = 0, shard, {}
         if done:
             # skip_nulls: a listing row without a version matches nothing.
-            skip = pc.is_in(wanted, value_set=pa.concat_arrays(done), skip_nulls=True)
+            found = pc.index_in(wanted, value_set=pa.concat_arrays(done), skip_nulls=True)
+            skip = pc.is_valid(found)
             skipped = pc.sum(skip).as_py() or 0
-            infer = shard.filter(pc.invert(skip)) if skipped else shard
-        else:
-            skipped, infer = 0, shard
-        yield ShardDecision(k, infer, skipped, vanished)
+            if skipped:
+                infer = shard.filter(pc.invert(skip))
+                by = pc.value_counts(pc.take(pa.concat_arrays(runs), found.drop_null()))
+                relied = {item["values"]: item["counts"] for item in by.to_pylist()}
+        yield ShardDecision(k, infer, skipped, vanished, relied)
 
 
-def _check(rows: pa.Table, listed: pa.Array, done: list[pa.Array]) -> int:
+def _check(rows: pa.Table, listed: pa.Array, done: list[pa.Array], runs: list[pa.Array]) -> int:
     """Count the rows no longer listed; add every row's key and done version (null when not
-    done)."""
+    done), and the run that wrote it."""
     is_listed = pc.is_in(rows[KEY], value_set=listed)
     done.append(pc.binary_join_element_wise(rows[KEY], rows[DONE], _SEP).combine_chunks())
+    runs.append(rows[RUN].combine_chunks())
     return rows.num_rows - (pc.sum(is_listed).as_py() or 0)
 
 
@@ -308,3 +322,60 @@ def _count_below(keys: pa.Array | pa.ChunkedArray, bound: str, *, inclusive: boo
         return len(keys)
     search = bisect.bisect_right if inclusive else bisect.bisect_left
     return search(keys, bound, key=lambda scalar: scalar.as_py())
+
+
+def plan(listing_uri: str, todo_uri: str, output_uri: str, fingerprint: str) -> dict:
+    """Write the listing shards an incremental run must detect to ``todo_uri`` (a listing, with
+    its index, that holds only those rows: shard ``k`` keeps its number and its rows their
+    ``index``), and return the manifest's ``incremental`` section.
+
+    Like the listing, the plan of a run id is fixed once written: a re-run of the run id reuses
+    it, so staged detections keep meaning the same images even if the table moved meanwhile.
+    """
+    source = listing.read_index(listing_uri)
+    key = {"listing": [f["sha256"] for f in source["files"]], "fingerprint": fingerprint}
+    index = listing.read_index(todo_uri)
+    if isinstance(index, dict) and index.get("key") == key and "incremental" in index:
+        if all(storage.exists(f["uri"]) for f in index["files"]):
+            return index["incremental"]
+    storage.remove(listing.index_uri(todo_uri))
+    storage.remove(todo_uri)
+    table = tables.table_uri(output_uri)
+    options = tables.delta_options(table)
+    dt = tables.open_table(table, options)
+    version = None if dt is None else dt.version()
+    uris = [f["uri"] for f in source["files"]]
+    files: list[dict] = []
+    summary = {"listed": source["images"], "skipped": 0, "inferred": 0, "vanished": 0,
+               "table": table, "table_version": version, "runs": {}}
+    runs: dict[str, int] = {}
+
+    def keep(k: int, rows: pa.Table) -> None:
+        summary["inferred"] += rows.num_rows
+        if rows.num_rows:
+            uri = storage.join(todo_uri, f"shard-{k:05d}.parquet")
+            info = storage.write_parquet(uri, rows)
+            files.append({"shard": k, "uri": uri, "rows": rows.num_rows, "sha256": info["sha256"]})
+
+    decided = 0
+    try:
+        for d in decide(uris, tables.location(table), fingerprint, storage_options=options,
+                        version=version):
+            keep(d.shard, d.infer)
+            summary["skipped"] += d.skipped
+            summary["vanished"] += d.vanished
+            for run, n in (d.runs or {}).items():
+                runs[run] = runs.get(run, 0) + n
+            decided += 1
+    except ValueError as exc:
+        # Only a local name that is not UTF-8 (listed as a file:// URI) breaks the key order:
+        # the rest of the listing is detected, never skipped on a guess.
+        log.warning("incremental: %s; detecting the %d remaining shard(s) in full", exc,
+                    len(uris) - decided)
+        for k in range(decided, len(uris)):
+            keep(k, _read_shard(uris[k]))
+    summary["runs"] = dict(sorted(runs.items()))
+    index = {"key": key, "images": summary["inferred"], "files": files, "skipped": {},
+             "incremental": summary}
+    storage.atomic_write_bytes(listing.index_uri(todo_uri), json.dumps(index).encode())
+    return summary

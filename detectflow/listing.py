@@ -17,7 +17,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -39,7 +39,21 @@ SKIP_REASONS = ("hidden", "broken_link", "unreadable", "run_output")
 _RUN_FILES = (MANIFEST, LEASE, LATEST)
 
 
-def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
+class Listed(NamedTuple):
+    """One listed image. ``version`` says whether it changed since an earlier run without
+    reading it: ``size:ETag`` on S3, ``size:mtime_ns`` for a local file (None when the store
+    gives neither)."""
+
+    uri: str
+    size: int
+    version: str | None = None
+
+
+def _version(size: int, tag: object) -> str | None:
+    return None if tag in (None, "") else f"{size}:{str(tag).strip(chr(34))}"
+
+
+def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[Listed]:
     """Stream keys page by page (S3 returns them in lexicographic order): memory stays flat
     however many keys the prefix holds."""
     bucket, _, prefix = path.partition("/")
@@ -49,7 +63,8 @@ def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
         page = fs.call_s3("list_objects_v2", **request)
         for obj in page.get("Contents", []):
             listed = True
-            yield f"{bucket}/{obj['Key']}", int(obj.get("Size") or 0)
+            size = int(obj.get("Size") or 0)
+            yield Listed(f"{bucket}/{obj['Key']}", size, _version(size, obj.get("ETag")))
         if not page.get("IsTruncated"):
             break
         request["ContinuationToken"] = page["NextContinuationToken"]
@@ -58,7 +73,8 @@ def _iter_s3(fs, path: str, page_size: int = 1000) -> Iterator[tuple[str, int]]:
             head = fs.call_s3("head_object", Bucket=bucket, Key=prefix)
         except FileNotFoundError:
             return
-        yield path, int(head.get("ContentLength") or 0)
+        size = int(head.get("ContentLength") or 0)
+        yield Listed(path, size, _version(size, head.get("ETag")))
 
 
 def _s3_run_folder(fs) -> Callable[[str], bool]:
@@ -80,21 +96,25 @@ def _s3_run_folder(fs) -> Callable[[str], bool]:
 
 
 def _iter_local(root: str, extensions: tuple[str, ...],
-                skipped: Counter) -> Iterator[tuple[str, int]]:
+                skipped: Counter) -> Iterator[Listed]:
     """Walk a local tree one folder at a time, in the order of the sorted full paths (a folder's
     entries sorted with a ``/`` after each subfolder's name): memory holds one folder's names,
     never the whole tree's. Symlinked folders are followed once each."""
     if os.path.isfile(root):
         if root.lower().endswith(extensions):
-            yield root, os.path.getsize(root)
+            yield _local(root, os.stat(root))
         return
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
     yield from _walk(root, extensions, skipped, set(), top=True)
 
 
+def _local(path: str, stat: os.stat_result) -> Listed:
+    return Listed(path, stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}")
+
+
 def _walk(folder: str, extensions: tuple[str, ...], skipped: Counter, seen: set[str],
-          top: bool = False) -> Iterator[tuple[str, int]]:
+          top: bool = False) -> Iterator[Listed]:
     real = os.path.realpath(folder)
     if real in seen:  # a symlink back up the tree
         return
@@ -126,24 +146,31 @@ def _walk(folder: str, extensions: tuple[str, ...], skipped: Counter, seen: set[
             skipped["broken_link"] += 1  # a folder or an image once: counted, whatever its name
         elif image and entry.is_file():
             try:
-                size = entry.stat().st_size
+                stat = entry.stat()
             except OSError:  # removed meanwhile
                 skipped["unreadable"] += 1
                 continue
-            yield entry.path, size
+            yield _local(entry.path, stat)
 
 
-def _iter_fs(fs, root: str) -> Iterator[tuple[str, int]]:
+def _fs_entry(path: str, info: Mapping[str, Any]) -> Listed:
+    size = int(info.get("size") or 0)
+    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "generation", "mtime",
+                                  "last_modified", "LastModified", "created") if info.get(k)), None)
+    return Listed(path, size, _version(size, tag))
+
+
+def _iter_fs(fs, root: str) -> Iterator[Listed]:
     """Any other fsspec filesystem (GCS, Azure, ...): its own recursive listing."""
     if fs.isfile(root):
-        yield root, int(fs.info(root).get("size") or 0)
+        yield _fs_entry(root, fs.info(root))
         return
     if not fs.exists(root):
         raise FileNotFoundError(root)
     entries = fs.find(root, detail=True)
     for path in sorted(entries):
         if entries[path].get("type", "file") == "file":
-            yield path, int(entries[path].get("size") or 0)
+            yield _fs_entry(path, entries[path])
 
 
 def _run_folders_of(paths: Iterable[str]) -> set[str]:
@@ -158,24 +185,25 @@ def _run_folders_of(paths: Iterable[str]) -> set[str]:
 
 
 def _fs_tree(fs, root: str, extensions: tuple[str, ...],
-             skipped: Counter) -> Iterator[tuple[str, int]]:
+             skipped: Counter) -> Iterator[Listed]:
     listed = list(_iter_fs(fs, root))  # ``find`` has it all in memory already
-    run_folders = _run_folders_of(path for path, _ in listed)
+    run_folders = _run_folders_of(entry.uri for entry in listed)
     yield from _flat_tree(listed, root, extensions, skipped, run_folders.__contains__)
 
 
-def _flat_tree(entries: Iterable[tuple[str, int]], root: str, extensions: tuple[str, ...],
-               skipped: Counter, run_folder: Callable[[str], bool]) -> Iterator[tuple[str, int]]:
+def _flat_tree(entries: Iterable[Listed], root: str, extensions: tuple[str, ...],
+               skipped: Counter, run_folder: Callable[[str], bool]) -> Iterator[Listed]:
     """The local walk's rules over a sorted flat listing (object keys). The keys under a folder
     are contiguous in sorted order, so the state is the current key's folders (and whether each
     is a run's, asked once each), however many keys; a skipped folder is counted once."""
     base = root.rstrip("/") + "/"
     folders: list[tuple[str, bool]] = []  # the current key's folders below the root, top down
     counted = ""
-    for path, size in entries:
+    for entry in entries:
+        path = entry.uri
         if not path.startswith(base):  # the input is this one object
             if path.lower().endswith(extensions):
-                yield path, size
+                yield entry
             continue
         *parts, name = path[len(base):].split("/")
         image = name.lower().endswith(extensions)
@@ -196,7 +224,7 @@ def _flat_tree(entries: Iterable[tuple[str, int]], root: str, extensions: tuple[
         elif skip is None and name.startswith("."):
             skip = ("hidden", path)
         if skip is None:
-            yield path, size
+            yield entry
         elif skip[1] != counted:
             skipped[skip[0]] += 1
             counted = skip[1]
@@ -204,8 +232,8 @@ def _flat_tree(entries: Iterable[tuple[str, int]], root: str, extensions: tuple[
 
 def iter_images(
     input_uri: str, extensions: tuple[str, ...], skipped: Counter | None = None,
-) -> Iterator[tuple[str, int]]:
-    """(uri, size) of every image under ``input_uri`` (extension matching), in a stable order
+) -> Iterator[Listed]:
+    """(uri, size, version) of every image under ``input_uri`` (extension matching), in a stable order
     (sorted by path); what was left out is counted by reason in ``skipped`` (``SKIP_REASONS``).
     Storage errors become one :class:`InputError` line naming the URI.
 
@@ -215,15 +243,15 @@ def iter_images(
     fs, root = storage.get_fs(input_uri)
     prefix = storage.uri_prefix(input_uri)
     if storage.is_local(input_uri):
-        entries = ((storage.local_image_uri(path), size)
-                   for path, size in _iter_local(root, extensions, skipped))
+        entries = (entry._replace(uri=storage.local_image_uri(entry.uri))
+                   for entry in _iter_local(root, extensions, skipped))
     elif input_uri.startswith(("s3://", "s3a://")):
         entries = _flat_tree(_iter_s3(fs, root), root, extensions, skipped, _s3_run_folder(fs))
     else:
         entries = _fs_tree(fs, root, extensions, skipped)
     try:
-        for path, size in entries:
-            yield prefix + path, size
+        for entry in entries:
+            yield entry._replace(uri=prefix + entry.uri)
     except Exception as exc:
         raise InputError(f"cannot list {input_uri}: {storage.explain(exc)}") from None
 
@@ -300,10 +328,11 @@ def write_listing(
             batch = []
 
     skipped: Counter = Counter()
-    for uri, size in iter_images(input_uri, extensions, skipped):
+    for uri, size, version in iter_images(input_uri, extensions, skipped):
         if limit is not None and count >= limit:
             break
-        batch.append({"image_uri": uri, "size": size, "index": count, "shard": shards})
+        batch.append({"image_uri": uri, "size": size, "image_version": version,
+                      "index": count, "shard": shards})
         count += 1
         if len(batch) >= shard_size:
             flush()

@@ -35,6 +35,7 @@ DECODED_SCHEMA = pa.schema(
         pa.field("index", pa.int64()),
         pa.field("shard", pa.int32()),
         pa.field("image_uri", pa.string()),
+        pa.field("image_version", pa.string()),
         pa.field("pixels", pa.large_binary()),  # uint8, (3, height, width), C-contiguous
         pa.field("encoded", pa.large_binary()),  # or a plain JPEG as read, for the GPU to decode
         pa.field("height", pa.int32()),
@@ -86,12 +87,15 @@ def decode_batch(batch: pa.Table, max_side: int, ship_jpeg: bool = False,
     if keep_freed_memory:
         allocator.keep_freed_memory()
     rows = []
-    for uri, index, shard in zip(
+    versions = (batch.column("image_version").to_pylist()
+                if "image_version" in batch.column_names else [None] * batch.num_rows)
+    for uri, index, shard, version in zip(
         batch.column("image_uri").to_pylist(),
         batch.column("index").to_pylist(),
         batch.column("shard").to_pylist(),
+        versions,
     ):
-        rows.append({"index": index, "shard": shard, "image_uri": uri,
+        rows.append({"index": index, "shard": shard, "image_uri": uri, "image_version": version,
                      **decode_one(uri, max_side, ship_jpeg)})
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
@@ -337,11 +341,13 @@ class Detector:
         predictions.update({i: {"error": reason} for i, reason in inputs.items()
                             if isinstance(reason, str)})
         rows = []
+        versions = cols.get("image_version") or [None] * batch.num_rows
         for i in range(batch.num_rows):
             base = {
                 "image_uri": cols["image_uri"][i],
                 "index": cols["index"][i],
                 "shard": cols["shard"][i],
+                "image_version": versions[i],
                 "model": self.model_name,
                 "run_id": self.run_id,
             }

@@ -40,6 +40,7 @@ def run_paths(run_uri: str) -> dict[str, str]:
         "evaluation": storage.join(run_uri, EVALUATION),
         "staging": storage.join(run_uri, STAGING),
         "listing": storage.join(run_uri, STAGING, "listing"),
+        "todo": storage.join(run_uri, STAGING, "todo"),  # incremental: the listing rows to detect
         "staged": storage.join(run_uri, STAGING, "detections"),
     }
 
@@ -112,6 +113,7 @@ def build_manifest(
     input_count: int,
     input_skipped: dict[str, int],
     stats: DetectStats,
+    incremental: dict[str, Any] | None = None,
     files: list[dict[str, Any]],
     samples: list[str],
     stage_seconds: dict[str, float],
@@ -145,6 +147,8 @@ def build_manifest(
             "per_class": stats.class_counts(),
         },
         "failures": stats.failures,
+        # Listed, skipped (already in <output>/table/), inferred, vanished; runs relied on.
+        **({"incremental": incremental} if incremental else {}),
         **({"evaluation": evaluation} if evaluation else {}),
         "resume": {  # what an interrupted earlier attempt of this run id had already staged
             "shards": len(stats.staged),

@@ -27,8 +27,10 @@ DETECTION_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        # What the detection was computed from: the listing's size:ETag or size:mtime_ns.
+        pa.field("image_version", pa.string()),
     ],
-    metadata={"detectflow.schema_version": "1", "boxes": "xyxy, original image pixels"},
+    metadata={"detectflow.schema_version": "2", "boxes": "xyxy, original image pixels"},
 )
 
 # What the pipeline carries between stages besides the published columns: the listing position,
@@ -40,12 +42,12 @@ STAGED_SCHEMA = pa.schema(POSITION_FIELDS + list(DETECTION_SCHEMA))
 # it was computed by and from. Key: (image_uri, fingerprint); partitioned by fingerprint.
 TABLE_SCHEMA = pa.schema(
     list(DETECTION_SCHEMA)
-    + [pa.field("fingerprint", pa.string(), nullable=False),  # config.model_fingerprint
-       pa.field("image_version", pa.string())]  # the listing's size:ETag, or size:mtime_ns
+    + [pa.field("fingerprint", pa.string(), nullable=False)]  # config.model_fingerprint
 )
 
 LISTING_SCHEMA = pa.schema(
-    [pa.field("image_uri", pa.string(), nullable=False), pa.field("size", pa.int64())]
+    [pa.field("image_uri", pa.string(), nullable=False), pa.field("size", pa.int64()),
+     pa.field("image_version", pa.string())]
     + POSITION_FIELDS
 )
 
@@ -64,6 +66,7 @@ def detection_row(
     model: str,
     run_id: str,
     error: str | None = None,
+    image_version: str | None = None,
 ) -> dict[str, Any]:
     """One output row; failed images get empty lists and an ``error`` reason."""
     boxes = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
@@ -84,6 +87,7 @@ def detection_row(
         "model": model,
         "run_id": run_id,
         "error": error,
+        "image_version": image_version,
     }
 
 

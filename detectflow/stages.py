@@ -20,6 +20,17 @@ class Listing:
     reused: bool  # an earlier attempt of this run id had listed the same input
     skipped: dict[str, int]  # entries left out under the input, by reason (listing.SKIP_REASONS)
     seconds: float
+    # Incremental runs: the listing of what to detect, and the manifest's ``incremental`` section.
+    todo_uri: str | None = None
+    incremental: dict[str, Any] | None = None
+
+    @property
+    def detect_uri(self) -> str:
+        return self.todo_uri or self.listing_uri
+
+    @property
+    def to_detect(self) -> int:
+        return self.incremental["inferred"] if self.incremental else self.images
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,17 @@ class Scored:
     evaluation: dict[str, Any]
     plots: list[str]  # paths relative to the run folder
     seconds: float
+
+
+@dataclass(frozen=True)
+class Tabled:
+    """merge_table: the table, the version that holds the run's rows, and whether this attempt
+    committed them (False: an earlier attempt of the run id had, or there were none)."""
+
+    table: str
+    version: int | None
+    merged: bool
+    rows: int
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def delta_options(uri: str) -> dict[str, str]:
 def merged_version(table: str, run_id: str) -> int | None:
     """The ``txn`` version recorded for ``run_id`` (1 once its rows are in), None if it never
     merged or there is no table."""
-    dt = _open(table, delta_options(table))
+    dt = open_table(table, delta_options(table))
     return None if dt is None else _txn(table, dt, _app_id(run_id))
 
 
@@ -96,7 +96,7 @@ def read_table(table: str, fingerprint: str | None = None, version: int | None =
     """The table (at ``version``: time travel), optionally one fingerprint's partition, with
     :data:`TABLE_SCHEMA`'s types."""
     def read() -> pa.Table:
-        dt = DeltaTable(_location(table), version=version, storage_options=delta_options(table))
+        dt = DeltaTable(location(table), version=version, storage_options=delta_options(table))
         parts = None if fingerprint is None else [(PARTITION, "=", fingerprint)]
         return dt.to_pyarrow_table(partitions=parts)
 
@@ -130,7 +130,7 @@ def merge_run(table: str, rows: pa.Table | pa.RecordBatchReader, run_id: str, *,
         if len(fingerprints) == 1:  # only that partition is read: no conflict with other models'
             predicate += f" AND t.{PARTITION} = '{_quote(next(iter(fingerprints)))}'"
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            dt = _open(table, options) or _create(table, options)
+            dt = open_table(table, options) or _create(table, options)
             # Checked again before each retry: the conflicting commit may be this run's own.
             if _txn(table, dt, app_id) is not None:
                 return Merged(_run_version(dt, run_id), False, 0, attempt)
@@ -159,7 +159,7 @@ def _maintain(table: str, options: dict[str, str]) -> None:
     are in)."""
     for step in ("compact", "checkpoint"):
         try:
-            dt = DeltaTable(_location(table), storage_options=options)
+            dt = DeltaTable(location(table), storage_options=options)
             dt.optimize.compact() if step == "compact" else dt.create_checkpoint()
         except (DeltaError, OSError) as exc:
             log.warning("detections table %s: %s postponed: %s", table, step, _one_line(exc))
@@ -177,18 +177,18 @@ def _quote(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _location(table: str) -> str:
+def location(table: str) -> str:
     """What delta-rs takes: a local path (absolute: its log stores the location) or a URI."""
     if table.startswith("file://"):
         return table
     return os.path.abspath(table) if storage.is_local(table) else table
 
 
-def _open(table: str, options: dict[str, str]) -> DeltaTable | None:
+def open_table(table: str, options: dict[str, str]) -> DeltaTable | None:
     def load() -> DeltaTable | None:
-        if not DeltaTable.is_deltatable(_location(table), storage_options=options):
+        if not DeltaTable.is_deltatable(location(table), storage_options=options):
             return None
-        return DeltaTable(_location(table), storage_options=options)
+        return DeltaTable(location(table), storage_options=options)
 
     return _guard(table, load)
 
@@ -197,14 +197,14 @@ def _create(table: str, options: dict[str, str]) -> DeltaTable:
     """Create the empty table. Two first runs may race: version 0 is written create-only, so one
     of them wins and the other finds the table there and merges into it."""
     if storage.is_local(table):
-        os.makedirs(_location(table).removeprefix("file://"), exist_ok=True)
+        os.makedirs(location(table).removeprefix("file://"), exist_ok=True)
     try:
         # No retry: delta-rs would commit the losing CREATE again as version 1 (a new table id).
-        return DeltaTable.create(_location(table), TABLE_SCHEMA, mode="ignore",
+        return DeltaTable.create(location(table), TABLE_SCHEMA, mode="ignore",
                                  partition_by=[PARTITION], storage_options=options,
                                  commit_properties=CommitProperties(max_commit_retries=0))
     except (DeltaError, OSError) as exc:
-        dt = _open(table, options)
+        dt = open_table(table, options)
         if dt is None:
             raise OutputError(f"detections table {table}: {_one_line(exc)}") from None
         return dt

@@ -1,9 +1,11 @@
 """The detection DAG on one screen: parameters → five tasks → summary.
 
-list_images → detect (Ray Data: decode on CPU, infer on an actor pool) → [evaluate against
-ground truth] → validate_sample → write_parquet → [export] → publish_manifest (the commit
-point) → publish_latest (+ a Prefect event).
+list_images [→ skip what <output>/table/ holds] → detect (Ray Data: decode on CPU, infer on an
+actor pool) → [evaluate against ground truth] → validate_sample → write_parquet → [export] →
+publish_manifest (the commit point) → merge_table → publish_latest (+ a Prefect event).
 """
+
+from dataclasses import asdict
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
@@ -30,6 +32,7 @@ from tasks import (
     evaluate,
     export,
     list_images,
+    merge_table,
     publish_latest,
     publish_manifest,
     validate_sample,
@@ -67,7 +70,7 @@ def _detect(cfg: RunConfig, spec: ModelSpec) -> dict:
         require_shared_storage(cfg, alive_nodes())  # every node must reach input and output
         # Each stage starts when the one before has completed (the DAG is a chain): a failure
         # surfaces as that stage's own error, and one warm Ray worker runs every task.
-        listing = completed(list_images.submit(cfg))
+        listing = completed(list_images.submit(cfg, spec))
         detected = completed(detect.submit(cfg, listing, spec))
         scored = completed(evaluate.submit(cfg, detected, spec)) if cfg.ground_truth else None
         sample = completed(validate_sample.submit(cfg, detected, spec))
@@ -91,6 +94,8 @@ def finish(cfg: RunConfig, manifest: dict):
     if cfg.min_map is not None and (ap is None or ap < cfg.min_map):
         return Failed(message=f"AP@[.50:.95] against the ground truth is {ap} (below min_map="
                       f"{cfg.min_map:g}); outputs are in {cfg.run_uri}", data=manifest)
-    if latest := publish_latest(cfg, manifest):  # runs here, in the flow process, with retries
+    # Both run here, in the flow process, with retries; the merge is once per run id.
+    tabled = merge_table(cfg, manifest) if cfg.table else None
+    if latest := publish_latest(cfg, manifest):
         emit_event(**published_event(cfg.output_uri, latest))
-    return manifest
+    return {**manifest, **({"table": asdict(tabled)} if tabled else {})}

@@ -22,6 +22,9 @@ PROGRESS_EVERY_S = 5.0
 @output_errors("detect")
 def detect(cfg: RunConfig, listing: Listing, spec: ModelSpec) -> DetectStats:
     logger = get_run_logger()
+    if not listing.to_detect:  # an incremental run with nothing new: no actors start
+        logger.info("nothing to detect: every listed image is already in the table")
+        return DetectStats()
     plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
     logger.info("resource plan: %s", plan.describe())
     artifact_id = create_progress_artifact(
@@ -44,7 +47,7 @@ def detect(cfg: RunConfig, listing: Listing, spec: ModelSpec) -> DetectStats:
 
     paths = run_paths(cfg.run_uri)
     stats = run_detection(
-        cfg, listing.listing_uri, paths["staged"], listing.images, plan, on_progress,
+        cfg, listing.detect_uri, paths["staged"], listing.to_detect, plan, on_progress,
         spec=spec, actor_env=workarounds.actor_runtime_env(),
     )
     if stats.shards_reused:
@@ -52,6 +55,7 @@ def detect(cfg: RunConfig, listing: Listing, spec: ModelSpec) -> DetectStats:
                     stats.shards_reused, stats.images_reused, stats.images_inferred)
     logger.info(
         "detected %d boxes on %d images (%d failed) in %.1f s: %.2f images/s",
-        stats.detections, stats.images, stats.failed, stats.seconds, stats.images / stats.seconds,
+        stats.detections, stats.images, stats.failed, stats.seconds,
+        stats.images / max(stats.seconds, 1e-9),
     )
     return stats

@@ -4,7 +4,9 @@ import time
 
 from prefect import get_run_logger, task
 
-from detectflow.config import RunConfig
+from detectflow import incremental
+from detectflow.classes import ModelSpec
+from detectflow.config import RunConfig, model_fingerprint
 from detectflow.errors import output_errors
 from detectflow.listing import summarise_skipped, write_listing
 from detectflow.orchestration import retry_unless_user_error
@@ -14,9 +16,10 @@ from detectflow.stages import Listing
 
 @task(name="list_images", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
 @output_errors("list_images")
-def list_images(cfg: RunConfig) -> Listing:
+def list_images(cfg: RunConfig, spec: ModelSpec) -> Listing:
     start = time.perf_counter()
-    listing_uri = run_paths(cfg.run_uri)["listing"]
+    paths = run_paths(cfg.run_uri)
+    listing_uri = paths["listing"]
     counts = write_listing(cfg.input_uri, listing_uri, cfg.extensions, cfg.shard_size, cfg.limit)
     log = get_run_logger()
     log.info(
@@ -25,4 +28,13 @@ def list_images(cfg: RunConfig) -> Listing:
     )
     if said := summarise_skipped(counts["skipped"]):
         log.info("skipped under %s: %s", cfg.input_uri, said)
-    return Listing(listing_uri, seconds=time.perf_counter() - start, **counts)
+    todo = decided = None
+    if cfg.incremental:  # what earlier runs detected with this model is not detected again
+        todo = paths["todo"]
+        decided = incremental.plan(listing_uri, todo, cfg.output_uri,
+                                   model_fingerprint(cfg, spec.weights.sha256, spec.categories))
+        log.info("incremental: %d new or changed images to detect; %d detected by %d earlier "
+                 "run(s) are skipped; %d in the table are no longer listed", decided["inferred"],
+                 decided["skipped"], len(decided["runs"]), decided["vanished"])
+    return Listing(listing_uri, seconds=time.perf_counter() - start, todo_uri=todo,
+                   incremental=decided, **counts)

@@ -45,6 +45,7 @@ def publish_manifest(
         input_count=listing.images,
         input_skipped=listing.skipped,
         stats=detected,
+        incremental=listing.incremental,
         files=written.files,
         samples=sample.samples,
         stage_seconds=stage_seconds,

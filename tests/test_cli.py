@@ -181,10 +181,13 @@ def test_rerun_resumes_prints_summary_and_run_folder_last(stopped_then_resumed, 
     # Every task's logs reached that API although the run's local Ray killed its workers right
     # after the last task (Prefect sends logs in batches; workarounds.task_logs flushes them).
     by_task = _task_logs(home)
-    assert len(by_task) == 6, by_task  # list, detect, validate, write, manifest, latest
+    # list, detect, validate, write, manifest, merge_table, latest
+    assert len(by_task) == 7, by_task
     for messages in by_task.values():  # each task's last log, as Prefect writes it
         assert any(m.startswith("Finished in state Completed") for m in messages), messages
     assert sum(m.startswith(f"wrote {IMAGES} rows") for ms in by_task.values() for m in ms) == 1
+    assert sum(m.startswith(f"merged {IMAGES} rows into") for ms in by_task.values()
+               for m in ms) == 1
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def _touch(path, data=b"x"):
 def test_listing_is_sorted_recursive_filtered(tmp_path):
     for name in ["b.JPG", "a.png", "sub/c.jpeg", "notes.txt", ".hidden.jpg", "sub/d.gif"]:
         _touch(tmp_path / name)
-    uris = [u for u, _ in iter_images(str(tmp_path), (".jpg", ".jpeg", ".png"))]
+    uris = [u for u, *_ in iter_images(str(tmp_path), (".jpg", ".jpeg", ".png"))]
     assert uris == [str(tmp_path / n) for n in ["a.png", "b.JPG", "sub/c.jpeg"]]
 
 
@@ -73,11 +73,22 @@ def test_local_walk_lists_in_sorted_path_order_and_follows_links_once(tmp_path):
     (inp / "linked").symlink_to(elsewhere)
     (inp / "f.jpg").symlink_to(elsewhere / "o.jpg")
     (inp / "z" / "loop").symlink_to(inp)
-    listed = [u for u, _ in iter_images(str(inp), (".jpg",))]
+    listed = [u for u, *_ in iter_images(str(inp), (".jpg",))]
     expected = sorted([str(inp / n) for n in names] + [str(inp / "f.jpg"),
                                                        str(inp / "linked" / "o.jpg")])
     assert listed == expected
-    assert [size for _, size in iter_images(str(inp / "a.jpg"), (".jpg",))] == [1]
+    assert [size for _, size, _ in iter_images(str(inp / "a.jpg"), (".jpg",))] == [1]
+
+
+def test_a_local_image_is_versioned_by_size_and_mtime_ns(tmp_path):
+    """Rewritten with the same size, a file still gets a new version: its mtime moved."""
+    _touch(tmp_path / "a.jpg")
+    os.utime(tmp_path / "a.jpg", ns=(1, 1_700_000_000_123_456_789))
+    (before,) = iter_images(str(tmp_path), (".jpg",))
+    assert before.version == "1:1700000000123456789"
+    os.utime(tmp_path / "a.jpg", ns=(1, 1_700_000_000_123_456_790))
+    (after,) = iter_images(str(tmp_path), (".jpg",))
+    assert (after.uri, after.size) == (before.uri, before.size) and after.version != before.version
 
 
 def test_a_subfolder_that_cannot_be_read_is_skipped_and_said(tmp_path, caplog):
@@ -90,7 +101,7 @@ def test_a_subfolder_that_cannot_be_read_is_skipped_and_said(tmp_path, caplog):
     assert next(walk)[0] == str(tmp_path / "a" / "1.jpg")
     shutil.rmtree(tmp_path / "b")  # removed after the walk listed the top folder
     with caplog.at_level("WARNING", logger="detectflow.listing"):
-        assert [u for u, _ in walk] == [str(tmp_path / "c" / "3.jpg")]
+        assert [u for u, *_ in walk] == [str(tmp_path / "c" / "3.jpg")]
     assert f"listing skipped {tmp_path / 'b'}" in caplog.text and skipped == {"unreadable": 1}
     with pytest.raises(InputError, match="cannot list"):
         list(iter_images(str(tmp_path / "missing"), (".jpg",)))
@@ -104,8 +115,10 @@ def test_other_fsspec_filesystems_are_listed_with_their_own_find():
         fs.pipe_file(f"/listing-test/{name}", b"xyz")
     try:
         listed = list(iter_images("memory://listing-test/photos", (".jpg", ".png")))
-        assert listed == [("memory:///listing-test/photos/a/c.png", 3),
-                          ("memory:///listing-test/photos/b.jpg", 3)]
+        assert [(u, size) for u, size, _ in listed] == [
+            ("memory:///listing-test/photos/a/c.png", 3), ("memory:///listing-test/photos/b.jpg", 3)]
+        # The store's own change marker (here the creation time) versions each image.
+        assert all(v.startswith("3:") and len(v) > 2 for *_, v in listed)
     finally:
         fs.rm("/listing-test", recursive=True)
 
@@ -130,7 +143,7 @@ TREE_SKIPPED = {"hidden": 4, "broken_link": 0, "unreadable": 0, "run_output": 3}
 
 
 def _listed(uris, root):
-    return [u[len(root) + 1:] for u, _ in uris]
+    return [u[len(root) + 1:] for u, *_ in uris]
 
 
 def test_one_skip_rule_hidden_broken_links_and_run_folders(tmp_path):

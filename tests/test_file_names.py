@@ -40,7 +40,7 @@ def test_image_uris_are_lossless_and_map_back_to_the_bytes_name(tmp_path):
     root = os.fsencode(tmp_path)
     for name, _ in NAMES:
         _write(root + b"/" + name, name)
-    uris = [u for u, _ in iter_images(str(tmp_path), (".jpg",))]
+    uris = [u for u, *_ in iter_images(str(tmp_path), (".jpg",))]
     assert [os.fsencode(storage.image_path(u)) for u in uris] == sorted(
         root + b"/" + name for name, _ in NAMES)
     assert [storage.read_image(u) for u in uris] == sorted(name for name, _ in NAMES)
@@ -62,13 +62,13 @@ def test_s3_follows_the_local_skip_rule(s3):
         for name in TREE:
             fs.pipe_file(f"detectflow-tree/in/{name}", b"xyz")
         skipped = Counter()
-        listed = [u for u, _ in iter_images("s3://detectflow-tree/in", (".jpg", ".png"),
+        listed = [u for u, *_ in iter_images("s3://detectflow-tree/in", (".jpg", ".png"),
                                             skipped)]
         assert listed == sorted(f"s3://detectflow-tree/in/{n}" for n, what in TREE.items()
                                 if what == "listed")
         assert skipped == Counter(TREE_SKIPPED)
         # The input itself is never skipped, even an output prefix.
-        assert [u for u, _ in iter_images("s3://detectflow-tree/in/results", (".jpg",))] == [
+        assert [u for u, *_ in iter_images("s3://detectflow-tree/in/results", (".jpg",))] == [
             "s3://detectflow-tree/in/results/loose.jpg"]
     finally:
         storage.configure(None)

@@ -21,7 +21,7 @@ from flows.detect_objects import detect_objects
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "export",
-          "publish_manifest", "publish_latest"}  # export: the run asks for one format
+          "publish_manifest", "merge_table", "publish_latest"}  # export: the run asks for one
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def write_listing(folder, shards: list[list[tuple[str, str]]]) -> list[str]:
         table = pa.table({
             "image_uri": pa.array([u for u, _ in rows], pa.string()),
             "size": pa.array([int(v.split(":")[0]) for _, v in rows], pa.int64()),
-            "version": pa.array([v for _, v in rows], pa.string()),
+            "image_version": pa.array([v for _, v in rows], pa.string()),
             "index": pa.array(range(index, index + n), pa.int64()),
             "shard": pa.array([k] * n, pa.int32()),
         })
@@ -100,8 +100,8 @@ def test_unchanged_skipped_the_rest_inferred(tmp_path):
     (decision,) = decide(listing, table, FP)
     # b changed, c is new, d failed before, e was only seen by another model, g can't be proven
     assert decision.infer["image_uri"].to_pylist() == [b, c, d, e, g]
-    assert decision.infer.column_names == ["image_uri", "size", "version", "index", "shard"]
-    assert (decision.skipped, decision.vanished) == (1, 1)
+    assert decision.infer.column_names == ["image_uri", "size", "image_version", "index", "shard"]
+    assert (decision.skipped, decision.vanished, decision.runs) == (1, 1, {"run": 1})
     # Once the other model has its own rows, they count for it alone.
     (other,) = decide(listing, table, "fp-b")
     assert (other.skipped, other.vanished, other.infer.num_rows) == (1, 0, 5)
@@ -240,7 +240,7 @@ def decision_peaks(folder, n: int, per_shard: int = 1000) -> tuple[int, int, int
     for k in range(n // per_shard):
         s = slice(k * per_shard, (k + 1) * per_shard)
         shard = pa.table({"image_uri": keys[s], "size": pa.array(ids[s]),
-                          "version": versions[s], "index": pa.array(ids[s]),
+                          "image_version": versions[s], "index": pa.array(ids[s]),
                           "shard": pa.array(np.full(per_shard, k, np.int32))})
         listing_bytes += shard.nbytes
         paths.append(str(folder / f"shard-{k:05d}.parquet"))

@@ -90,20 +90,25 @@ def test_no_secret_in_manifest_logs_artifacts_or_parameters(s3_run):
 def test_listing_streams_page_by_page_in_key_order(s3):
     storage.configure(s3)
     fs, path = storage.get_fs("s3://detectflow-in/photos")
-    keys = [k for k, _ in _iter_s3(fs, path, page_size=2)]  # three pages
-    assert keys == [f"detectflow-in/photos/{n}" for n in NAMES]
+    listed = list(_iter_s3(fs, path, page_size=2))  # three pages
+    assert [k for k, *_ in listed] == [f"detectflow-in/photos/{n}" for n in NAMES]
+    # Each image's version is its size and ETag, as the listing gave them (nothing is read).
+    for key, size, version in listed:
+        etag = fs.info(key)["ETag"].strip('"')
+        assert version == f"{size}:{etag}" and len(etag) >= 16
 
 
 def test_one_object_can_be_the_input_as_one_local_file_can(s3):
     storage.configure(s3)
     uri = f"s3://detectflow-in/photos/{NAMES[0]}"
-    assert [u for u, _ in iter_images(uri, (".jpg",))] == [uri]
+    (listed,) = iter_images(uri, (".jpg",))
+    assert listed.uri == uri and listed.version == f"{listed.size}:{storage.get_fs(uri)[0].info(uri)['ETag'].strip(chr(34))}"
     assert list(iter_images("s3://detectflow-in/photos/missing.jpg", (".jpg",))) == []
 
 
 def test_aws_endpoint_url_environment_variable_is_honoured(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    uris = [u for u, _ in iter_images("s3://detectflow-in", (".jpg",))]
+    uris = [u for u, *_ in iter_images("s3://detectflow-in", (".jpg",))]
     assert uris == [f"s3://detectflow-in/photos/{n}" for n in NAMES]
 
 
