@@ -86,6 +86,8 @@ def finish(cfg: RunConfig, manifest: dict):
     marks the run Failed, and only a healthy run moves ``latest.json`` and emits the event
     consumers trigger on."""
     failed, images = manifest["counts"]["failed"], manifest["counts"]["images"]
+    # An incremental run's share is of every listed image: those skipped were read fine before.
+    images += (manifest.get("incremental") or {}).get("skipped", 0)
     if failed > cfg.max_failure_fraction * images:
         return Failed(message=f"{failed} of {images} images failed (more than "
                       f"max_failure_fraction={cfg.max_failure_fraction:g}); outputs are in "

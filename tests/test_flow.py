@@ -20,8 +20,9 @@ from detectflow.schema import DETECTION_SCHEMA
 from flows.detect_objects import detect_objects
 
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
+# export: the run asks for one format
 STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "export",
-          "publish_manifest", "merge_table", "publish_latest"}  # export: the run asks for one
+          "publish_manifest", "merge_table", "publish_latest"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,233 @@
+"""Nightly incremental runs end to end: real Ray, real Prefect, the Delta table read back with
+deltalake (and, in test_table.py, Ray Data). The detector is the small shapes detector that
+examples/shapes trains, so every detection is a real one."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from deltalake import DeltaTable
+from test_reliability import CrashingRun
+
+from detectflow import storage
+from detectflow.config import REPO_ROOT
+from detectflow.table import RUN_ID_KEY, delta_options, read_table
+from examples.shapes.data import make_dataset
+from flows.detect_objects import detect_objects
+
+SHAPES = "examples.shapes.model:tiny_fasterrcnn"
+WEIGHTS = REPO_ROOT / "examples" / "shapes" / "shapes_detector.pth"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Four photos to start with, and spares to add or change them with."""
+    root = tmp_path_factory.mktemp("incremental")
+    make_dataset(root / "in", 4, seed=31)
+    make_dataset(root / "spare", 4, seed=32, subfolders=False)
+    for folder in ("in", "spare"):
+        (root / folder / "annotations.json").unlink()
+    return root
+
+
+def _run(inp, out, run_id, weights=WEIGHTS, **params):
+    state = detect_objects(input_uri=str(inp), output_uri=str(out), model=SHAPES,
+                           weights=str(weights), incremental=True, score_threshold=0.3,
+                           batch_size=4, sample_size=1, run_id=run_id, return_state=True,
+                           **params)
+    assert state.is_completed(), state.message
+    return state.result()
+
+
+def _uris(inp: Path) -> list[str]:
+    return sorted(str(p) for p in inp.rglob("*") if p.suffix in (".jpg", ".png"))
+
+
+def _version(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _published_uris(out: Path, manifest: dict) -> list[str]:
+    return [u for f in manifest["output"]["files"]
+            for u in pq.read_table(out / manifest["run_id"] / f["path"])["image_uri"].to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def nights(ray_local, prefect_api, images, tmp_path_factory):
+    """Night 1 detects four photos; two are added and one changed before night 2; nothing changes
+    before night 3."""
+    inp, out = images / "in", tmp_path_factory.mktemp("out")
+    first = _run(inp, out, "night-1")
+    spare = sorted((images / "spare").iterdir())
+    changed = inp / "b" / "img_00001.jpg"
+    shutil.copy(spare[0], changed)  # other pixels (Pillow reads the format from the bytes)
+    added = [inp / "a" / "added_1.png", inp / "b" / "added_2.png"]
+    for target, source in zip(added, spare[1:]):
+        shutil.copy(source, target)
+    second = _run(inp, out, "night-2")
+    history = len(DeltaTable(str(out / "table")).history())
+    third = _run(inp, out, "night-3")
+    return {"in": inp, "out": out, "runs": [first, second, third], "changed": changed,
+            "added": added,
+            "history": (history, len(DeltaTable(str(out / "table")).history()))}
+
+
+def test_night_two_infers_the_added_and_the_changed_and_the_table_holds_each_once(nights):
+    first, second, _ = nights["runs"]
+    inp, out = nights["in"], nights["out"]
+    assert first["incremental"] | {"table_version": None} == {
+        "listed": 4, "skipped": 0, "inferred": 4, "vanished": 0, "table": str(out / "table"),
+        "table_version": None, "runs": {}}
+    assert second["incremental"]["listed"] == 6
+    assert (second["incremental"]["skipped"], second["incremental"]["inferred"]) == (3, 3)
+    assert second["incremental"]["runs"] == {"night-1": 3}
+    assert sorted(_published_uris(out, second)) == sorted(
+        [str(nights["changed"])] + [str(p) for p in nights["added"]])
+    assert second["counts"]["images"] == 3
+
+    fingerprint = second["model"]["fingerprint"]
+    assert fingerprint == first["model"]["fingerprint"]
+    rows = read_table(str(out / "table"), fingerprint).to_pylist()
+    assert sorted(r["image_uri"] for r in rows) == _uris(inp)  # six images, each once
+    by_uri = {r["image_uri"]: r for r in rows}
+    for uri in _uris(inp):  # every row was computed from the image as it is now
+        assert by_uri[uri]["image_version"] == _version(Path(uri)), uri
+    assert by_uri[str(nights["changed"])]["run_id"] == "night-2"
+    assert {r["run_id"] for r in rows} == {"night-1", "night-2"}
+    # The changed image's night-2 row replaced its night-1 row: one row, the new detections.
+    night2 = {r["image_uri"]: r for f in second["output"]["files"]
+              for r in pq.read_table(out / "night-2" / f["path"]).to_pylist()}
+    assert by_uri[str(nights["changed"])]["boxes"] == night2[str(nights["changed"])]["boxes"]
+    # Each merge is a table version that names its run.
+    runs = [c.get(RUN_ID_KEY) for c in DeltaTable(str(out / "table")).history()]
+    assert runs.count("night-1") == runs.count("night-2") == 1
+
+
+def test_night_three_with_nothing_new_infers_nothing_and_still_publishes(nights):
+    third = nights["runs"][2]
+    out = nights["out"]
+    assert third["incremental"]["skipped"] == 6 and third["incremental"]["inferred"] == 0
+    assert third["incremental"]["runs"] == {"night-1": 3, "night-2": 3}
+    assert third["counts"]["images"] == 0 and third["output"]["files"] == []
+    assert (out / "night-3" / "manifest.json").exists()
+    assert json.loads((out / "latest.json").read_text())["run_id"] == "night-3"
+    # No actor pool was planned, so none started (the plan is made just before it starts).
+    assert third["resources"] is None and nights["runs"][1]["resources"] is not None
+    assert nights["history"][1] == nights["history"][0]  # and nothing was committed
+
+
+def test_new_weights_detect_every_image_again_beside_the_first_models_rows(nights, tmp_path):
+    saved = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    state = saved["model"] if "model" in saved else saved
+    name = next(k for k in state if k.endswith("cls_score.bias"))
+    state[name] = state[name] + 0.01  # fine-tuned a little further
+    weights = tmp_path / "retrained.pth"
+    torch.save(saved, weights)
+    retrained = _run(nights["in"], nights["out"], "retrained", weights=weights)
+    first = nights["runs"][0]
+    assert retrained["model"]["fingerprint"] != first["model"]["fingerprint"]
+    assert (retrained["incremental"]["skipped"], retrained["incremental"]["inferred"]) == (0, 6)
+    table = read_table(str(nights["out"] / "table"))
+    counts = {fp: table["fingerprint"].to_pylist().count(fp)
+              for fp in set(table["fingerprint"].to_pylist())}
+    assert counts == {first["model"]["fingerprint"]: 6, retrained["model"]["fingerprint"]: 6}
+
+
+def test_a_failed_image_is_retried_by_the_next_run_not_skipped(ray_local, prefect_api, images,
+                                                               tmp_path):
+    inp = tmp_path / "in"
+    shutil.copytree(images / "in", inp)
+    (inp / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    first = _run(inp, out, "with-broken", max_failure_fraction=0.2)
+    listed = first["counts"]["images"]
+    assert first["counts"]["failed"] == 1 and listed >= 5
+    # Only the broken image is detected again; it fails again, yet the run stays healthy: the
+    # failure share is of every listed image, as in a full run.
+    again = _run(inp, out, "again", max_failure_fraction=0.2)
+    assert (again["incremental"]["skipped"], again["incremental"]["inferred"]) == (listed - 1, 1)
+    assert _published_uris(out, again) == [str(inp / "a" / "broken.png")]
+    assert again["counts"]["failed"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
+        ray_local, prefect_api, images, tmp_path):
+    inp, out = images / "in", tmp_path / "out"
+    args = ["--input", str(inp), "--output", str(out), "--model", SHAPES, "--weights",
+            str(WEIGHTS), "--incremental", "--score-threshold", "0.3", "--run-id", "killed"]
+    run = CrashingRun(tmp_path, args, "before-merge")
+    run.wait_for_failpoint()
+    run.kill()
+    assert (out / "killed" / "manifest.json").exists() and not (out / "table").exists()
+    assert not (out / "latest.json").exists()
+
+    for attempt in range(2):  # the re-run completes the merge; another one changes nothing
+        manifest = _run(inp, out, "killed")
+        assert manifest["run_id"] == "killed"
+        history = DeltaTable(str(out / "table")).history()
+        assert [c.get(RUN_ID_KEY) for c in history].count("killed") == 1, attempt
+        assert max(c["version"] for c in history) == 1  # created, then the one merge
+        rows = read_table(str(out / "table"))
+        assert sorted(rows["image_uri"].to_pylist()) == _uris(inp)
+    assert json.loads((out / "latest.json").read_text())["run_id"] == "killed"
+
+
+@pytest.mark.slow
+def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, images,
+                                                                  tmp_path):
+    """Two `detectflow run` processes, each with its own Ray, over two halves of a bucket into
+    one output prefix on the loopback S3 (delta-rs commits with S3's conditional writes)."""
+    import s3fs
+
+    url = moto_server()
+    fs = s3fs.S3FileSystem(endpoint_url=url)
+    fs.mkdir("nightly")
+    for path in sorted((images / "in").rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"nightly/photos/{path.relative_to(images / 'in')}")
+    procs = []
+    for half in ("a", "b"):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
+        env["PREFECT_HOME"] = str(tmp_path / f"prefect-{half}")
+        log = open(tmp_path / f"{half}.log", "wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",
+             "--output", "s3://nightly/detections", "--model", SHAPES, "--weights", str(WEIGHTS),
+             "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}",
+             "--s3-endpoint-url", url], cwd=REPO_ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + 400
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("concurrent runs did not finish")
+    logs = {h: (tmp_path / f"{h}.log").read_text(errors="replace") for h in "ab"}
+    assert [p.returncode for p in procs] == [0, 0], {h: t[-3000:] for h, t in logs.items()}
+
+    storage.configure(url)
+    try:
+        uri = "s3://nightly/detections/table"
+        table = read_table(uri)
+        history = DeltaTable(uri, storage_options=delta_options(uri)).history()
+    finally:
+        storage.configure(None)
+    assert sorted(table["image_uri"].to_pylist()) == sorted(
+        f"s3://nightly/photos/{p.relative_to(images / 'in')}" for p in (images / "in").rglob("*")
+        if p.is_file())
+    assert sorted(table["run_id"].unique().to_pylist()) == ["half-a", "half-b"]
+    runs = [c.get(RUN_ID_KEY) for c in history]
+    assert runs.count("half-a") == runs.count("half-b") == 1
