@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest",
-          "publish_latest"}
+          "merge_table", "publish_latest"}
 SCREENSHOTS = ROOT / "test-artifacts"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -202,15 +202,13 @@ def test_bad_parameter_is_refused_before_the_run_starts(server, deployed, field,
     assert f"field '{field}'" in response.json()["detail"]
 
 
-@pytest.fixture(scope="module")
-def worker_run(server, deployed, small_weights, tmp_path_factory):
-    """A run created as the UI creates it, picked up by ``prefect worker start --run-once``."""
-    out = tmp_path_factory.mktemp("deployed-out")
-    response = _create_run(server, deployed["on-demand"]["id"],
-                           _params(out, "from-deployment", small_weights))
+def _worker_run(server, deployment: dict, parameters: dict) -> tuple[str, float]:
+    """A run created as the UI (or the scheduler) creates it, picked up by ``prefect worker
+    start --run-once``; its id and seconds from creation to Completed."""
+    response = _create_run(server, deployment["id"], parameters)
     assert response.status_code == 201, response.text
     flow_run_id = response.json()["id"]
-    log = open(server["home"] / "worker.log", "wb")
+    log = open(server["home"] / "worker.log", "ab")
     started = time.monotonic()
     worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "detectflow", "--run-once"],
                               env=server["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -221,6 +219,16 @@ def worker_run(server, deployed, small_weights, tmp_path_factory):
     finally:
         _stop(worker)
     assert run["state_type"] == "COMPLETED", (server["home"] / "worker.log").read_text()[-4000:]
+    return flow_run_id, seconds
+
+
+@pytest.fixture(scope="module")
+def worker_run(server, deployed, small_weights, tmp_path_factory):
+    """A run of the nightly deployment, created as its schedule creates one (the deployment's
+    parameters, here with this test's output and model)."""
+    out = tmp_path_factory.mktemp("deployed-out")
+    flow_run_id, seconds = _worker_run(server, deployed["nightly"],
+                                       _params(out, "from-deployment", small_weights))
     print(f"\ntrigger → Completed through a process worker: {seconds:.1f} s")
     return {"id": flow_run_id, "out": out, "run_dir": out / "from-deployment"}
 
@@ -265,9 +273,11 @@ def test_every_config_field_is_an_option_a_form_field_and_in_the_manifest(deploy
         assert props[name].get("default") == default, name
         assert name in manifest["parameters"], name
     assert set(props) == set(RunConfig.model_fields) == set(manifest["parameters"])
-    # The deployment sets only its input and output; the rest are the code's defaults.
-    assert deployed["on-demand"]["parameters"] == {"input_uri": "data/sample_images",
-                                                   "output_uri": "output"}
+    # The deployments set only their input and output (and the nightly one its incremental
+    # mode); the rest are the code's defaults.
+    defaults = {"input_uri": "data/sample_images", "output_uri": "output"}
+    assert deployed["on-demand"]["parameters"] == defaults
+    assert deployed["nightly"]["parameters"] == defaults | {"incremental": True}
 
 
 def test_published_event_is_recorded_for_automations(server, worker_run):
@@ -433,3 +443,21 @@ def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weigh
     finally:
         _stop(serve)
     assert json.loads((out / "served" / "manifest.json").read_text())["counts"]["images"] == 1
+
+
+# Last: it moves latest.json and emits a second event for worker_run's output.
+def test_the_next_night_detects_only_what_is_new(server, deployed, worker_run, small_weights,
+                                                sample_dir):
+    """The nightly deployment runs incrementally: the second night finds every photo in the
+    table the first night filled, detects none, and still publishes."""
+    first = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
+    assert first["parameters"]["incremental"] is True  # from prefect.yaml, not from the test
+    assert first["incremental"]["inferred"] == len(list(sample_dir.glob("*.jpg")))
+    _worker_run(server, deployed["nightly"],
+                _params(worker_run["out"], "second-night", small_weights))
+    second = json.loads((worker_run["out"] / "second-night" / "manifest.json").read_text())
+    assert second["incremental"]["inferred"] == 0 and second["counts"]["images"] == 0
+    assert second["incremental"]["skipped"] == first["incremental"]["inferred"]
+    assert second["incremental"]["runs"] == {"from-deployment": first["counts"]["images"]}
+    latest = json.loads((worker_run["out"] / "latest.json").read_text())
+    assert latest["run_id"] == "second-night"
