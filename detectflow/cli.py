@@ -120,13 +120,19 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def options_table() -> str:
     """README's table of the options: the same flags and help as ``detectflow run --help``."""
     rows = ["| option | what it does |", "|---|---|"]
+    advanced_flags = []
     for flag, kwargs, advanced in config_options():
         if kwargs.get("action") is argparse.BooleanOptionalAction:
             shown = f"--[no-]{flag[2:]}"
         else:
             shown = f"{flag} {kwargs.get('metavar') or '{' + ','.join(kwargs['choices']) + '}'}"
+        if advanced:  # the pool, the model's layout, the cluster: named here, told by --help
+            advanced_flags.append(f"`{shown}`")
+            continue
         what = kwargs["help"].replace("%%", "%").replace("|", "\\|").replace("<", "&lt;")
-        rows.append(f"| `{shown}` | {'(advanced) ' if advanced else ''}{what} |")
+        rows.append(f"| `{shown}` | {what} |")
+    rows.append(f"| advanced | {', '.join(advanced_flags)}: the actor pool, the model's layout "
+                "and the cluster; the defaults suit most runs (`detectflow run --help`) |")
     return "\n".join(rows)
 
 
