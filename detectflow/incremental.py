@@ -336,8 +336,11 @@ def plan(listing_uri: str, todo_uri: str, output_uri: str, fingerprint: str) -> 
     key = {"listing": [f["sha256"] for f in source["files"]], "fingerprint": fingerprint}
     index = listing.read_index(todo_uri)
     if isinstance(index, dict) and index.get("key") == key and "incremental" in index:
-        if all(storage.exists(f["uri"]) for f in index["files"]):
-            return index["incremental"]
+        try:
+            if all(storage.sha256_file(f["uri"]) == f["sha256"] for f in index["files"]):
+                return index["incremental"]
+        except FileNotFoundError:
+            pass  # a shard is gone: plan again
     storage.remove(listing.index_uri(todo_uri))
     storage.remove(todo_uri)
     table = tables.table_uri(output_uri)

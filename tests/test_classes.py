@@ -141,6 +141,7 @@ def test_classes_and_only_change_the_resume_fingerprint():
     ({"model": "examples.shapes.model:nothing", "weights": SHAPES_WEIGHTS},
      "has no callable 'nothing'"),
     ({"min_map": 0.5}, "min_map needs ground_truth"),
+    ({"incremental": True, "table": False}, "incremental needs table"),
 ])
 def test_bad_models_and_gates_fail_before_any_work(tmp_path, params, reason):
     with pytest.raises((ConfigError, WeightsError), match=reason) as err:
