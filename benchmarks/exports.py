@@ -56,6 +56,7 @@ def write_file(path: Path, start: int, rows: int, rng: np.random.Generator,
         "model": pa.array(["m"] * rows),
         "run_id": pa.array(["bench"] * rows),
         "error": pa.nulls(rows, pa.string()),
+        "image_version": pa.array([f"1000:{i}" for i in range(start, start + rows)]),
     }).cast(DETECTION_SCHEMA)
     pq.write_table(table, path)
 

@@ -374,6 +374,25 @@ def _assert_cancelled_and_stopped(server, run: dict, seconds: float, keep: set[i
     assert not left, {pid: cmdline(pid)[:200] for pid in left}
 
 
+# After the tests of worker_run's output (it moves latest.json and emits a second event), before
+# `make serve`'s test replaces the deployments with served ones.
+def test_the_next_night_detects_only_what_is_new(server, deployed, worker_run, small_weights,
+                                                sample_dir):
+    """The nightly deployment runs incrementally: the second night finds every photo in the
+    table the first night filled, detects none, and still publishes."""
+    first = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
+    assert first["parameters"]["incremental"] is True  # from prefect.yaml, not from the test
+    assert first["incremental"]["inferred"] == len(list(sample_dir.glob("*.jpg")))
+    _worker_run(server, deployed["nightly"],
+                _params(worker_run["out"], "second-night", small_weights))
+    second = json.loads((worker_run["out"] / "second-night" / "manifest.json").read_text())
+    assert second["incremental"]["inferred"] == 0 and second["counts"]["images"] == 0
+    assert second["incremental"]["skipped"] == first["incremental"]["inferred"]
+    assert second["incremental"]["runs"] == {"from-deployment": first["counts"]["images"]}
+    latest = json.loads((worker_run["out"] / "latest.json").read_text())
+    assert latest["run_id"] == "second-night"
+
+
 @pytest.mark.slow
 def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, small_weights, many_photos,
                                                      tmp_path_factory):
@@ -443,21 +462,3 @@ def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weigh
     finally:
         _stop(serve)
     assert json.loads((out / "served" / "manifest.json").read_text())["counts"]["images"] == 1
-
-
-# Last: it moves latest.json and emits a second event for worker_run's output.
-def test_the_next_night_detects_only_what_is_new(server, deployed, worker_run, small_weights,
-                                                sample_dir):
-    """The nightly deployment runs incrementally: the second night finds every photo in the
-    table the first night filled, detects none, and still publishes."""
-    first = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
-    assert first["parameters"]["incremental"] is True  # from prefect.yaml, not from the test
-    assert first["incremental"]["inferred"] == len(list(sample_dir.glob("*.jpg")))
-    _worker_run(server, deployed["nightly"],
-                _params(worker_run["out"], "second-night", small_weights))
-    second = json.loads((worker_run["out"] / "second-night" / "manifest.json").read_text())
-    assert second["incremental"]["inferred"] == 0 and second["counts"]["images"] == 0
-    assert second["incremental"]["skipped"] == first["incremental"]["inferred"]
-    assert second["incremental"]["runs"] == {"from-deployment": first["counts"]["images"]}
-    latest = json.loads((worker_run["out"] / "latest.json").read_text())
-    assert latest["run_id"] == "second-night"

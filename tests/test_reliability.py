@@ -157,7 +157,9 @@ def test_two_run_ids_in_one_prefix_never_touch_each_others_files(killed_actor_ru
     again = detect_objects(**_params(sample_dir, out, small_weights, "killed-actor"))
     assert again["run_id"] == "killed-actor"
     assert _snapshot(run_a) == a_before and _snapshot(out / "second-run") == b_before
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["killed-actor", "second-run"]
+    # Each run's own folder, and the table both merged into.
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["killed-actor", "second-run",
+                                                                   "table"]
     _, rows = _published(out / "second-run")
     assert {r["run_id"] for r in rows} == {"second-run"} and len(rows) == 5
 
@@ -185,9 +187,10 @@ def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local,
     attempts = _attempts_of_one_write(s3)
     assert attempts > 1
     with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
+        # No table: delta-rs's requests stall in this test proxy (not in S3 or moto itself).
         state = detect_objects(**_params("s3://detectflow-in/photos", "s3://detectflow-out/flaky",
                                          small_weights, "transient-io"),
-                               s3_endpoint_url=proxy.url, return_state=True)
+                               s3_endpoint_url=proxy.url, table=False, return_state=True)
     assert state.is_completed(), state.message
     assert len(proxy.refused) == attempts and proxy.passed  # refused, then let through
     with get_client(sync_client=True) as client:

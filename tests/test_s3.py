@@ -108,7 +108,7 @@ def test_one_object_can_be_the_input_as_one_local_file_can(s3):
 
 def test_aws_endpoint_url_environment_variable_is_honoured(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
-    uris = [u for u, *_ in iter_images("s3://detectflow-in", (".jpg",))]
+    uris = [u for u, *_ in iter_images("s3://detectflow-in/photos", (".jpg",))]
     assert uris == [f"s3://detectflow-in/photos/{n}" for n in NAMES]
 
 
