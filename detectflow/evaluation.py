@@ -265,7 +265,14 @@ def _shard_batches(uri: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
         fs, path = storage.get_fs(uri)
         handle = fs.open(path, "rb")
     with handle:
-        yield from pq.ParquetFile(handle).iter_batches(batch_size=_BATCH_ROWS, columns=columns)
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=_BATCH_ROWS,
+                                                          columns=columns):
+            # The detections table's files (delta-rs) hold strings as string_view.
+            views = [i for i, f in enumerate(batch.schema) if pa.types.is_string_view(f.type)]
+            for i in views:
+                batch = batch.set_column(i, batch.schema.field(i).name,
+                                         batch.column(i).cast(pa.string()))
+            yield batch
 
 
 @dataclass

@@ -92,6 +92,17 @@ def merged_version(table: str, run_id: str) -> int | None:
     return None if dt is None else _txn(table, dt, _app_id(run_id))
 
 
+def partition_files(table: str, fingerprint: str, version: int | None = None) -> list[str]:
+    """The data files that hold ``fingerprint``'s rows at ``version`` (default: the latest), as
+    URIs (local paths for a local table); boxes in them are plain ``list<list<float>>``."""
+    def files() -> list[str]:
+        dt = DeltaTable(location(table), version=version, storage_options=delta_options(table))
+        uris = dt.file_uris(partition_filters=[(PARTITION, "=", fingerprint)])
+        return [u.removeprefix("file://") if storage.is_local(table) else u for u in uris]
+
+    return _guard(table, files)
+
+
 def read_table(table: str, fingerprint: str | None = None, version: int | None = None) -> pa.Table:
     """The table (at ``version``: time travel), optionally one fingerprint's partition, with
     :data:`TABLE_SCHEMA`'s types."""

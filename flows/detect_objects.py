@@ -72,7 +72,8 @@ def _detect(cfg: RunConfig, spec: ModelSpec) -> dict:
         # surfaces as that stage's own error, and one warm Ray worker runs every task.
         listing = completed(list_images.submit(cfg, spec))
         detected = completed(detect.submit(cfg, listing, spec))
-        scored = completed(evaluate.submit(cfg, detected, spec)) if cfg.ground_truth else None
+        scored = (completed(evaluate.submit(cfg, detected, spec, listing))
+                  if cfg.ground_truth else None)
         sample = completed(validate_sample.submit(cfg, detected, spec))
         written = completed(write_parquet.submit(cfg, detected, spec))
         exported = completed(export.submit(cfg, written, spec)) if cfg.exports else None

@@ -9,23 +9,33 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from detectflow import storage
 from detectflow.classes import ModelSpec
-from detectflow.config import RunConfig
+from detectflow.config import RunConfig, model_fingerprint
 from detectflow.errors import output_errors
 from detectflow.evaluation import evaluate as score
 from detectflow.evaluation import load_ground_truth, pr_curve_png
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
 from detectflow.publish import run_paths
-from detectflow.stages import Scored
+from detectflow.stages import Listing, Scored
+from detectflow.table import partition_files, table_uri
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_user_error)
 @output_errors("evaluate")
-def evaluate(cfg: RunConfig, detected: DetectStats, spec: ModelSpec) -> Scored:
+def evaluate(cfg: RunConfig, detected: DetectStats, spec: ModelSpec, listing: Listing) -> Scored:
     start = time.perf_counter()
     logger = get_run_logger()
-    result = score(load_ground_truth(cfg.ground_truth), [s["uri"] for s in detected.staged],
+    sources = [s["uri"] for s in detected.staged]
+    skipped = listing.incremental or {}
+    if skipped.get("skipped") and skipped.get("table_version") is not None:
+        # An incremental run's skipped images were detected by this model before: their rows
+        # are in the table version the run was planned against (this run's own rows come first,
+        # so an image detected again is scored by its new row).
+        sources += partition_files(table_uri(cfg.output_uri),
+                                   model_fingerprint(cfg, spec.weights.sha256, spec.categories),
+                                   skipped["table_version"])
+    result = score(load_ground_truth(cfg.ground_truth), sources,
                    cfg.input_uri, spec.categories,
                    [spec.categories[i] for i in spec.keep] or None, cfg.score_threshold)
     summary = result.as_manifest()

@@ -231,3 +231,19 @@ def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, i
     assert sorted(table["run_id"].unique().to_pylist()) == ["half-a", "half-b"]
     runs = [c.get(RUN_ID_KEY) for c in history]
     assert runs.count("half-a") == runs.count("half-b") == 1
+
+
+def test_ground_truth_scores_skipped_images_by_their_rows_in_the_table(ray_local, prefect_api,
+                                                                       tmp_path):
+    """With nothing new, every labelled image is still scored: by the rows the table holds for
+    this model, so the AP is the full run's."""
+    gt = make_dataset(tmp_path / "in", 6, seed=33)
+    (tmp_path / "gt.json").write_bytes(gt.read_bytes())
+    gt.unlink()
+    full = _run(tmp_path / "in", tmp_path / "out", "labelled", ground_truth=str(tmp_path / "gt.json"))
+    again = _run(tmp_path / "in", tmp_path / "out", "labelled-again",
+                 ground_truth=str(tmp_path / "gt.json"), min_map=0.01)
+    assert again["incremental"]["inferred"] == 0
+    assert again["evaluation"]["matched_images"] == full["evaluation"]["matched_images"] == 6
+    assert again["evaluation"]["metrics"] == full["evaluation"]["metrics"]
+    assert full["evaluation"]["metrics"]["AP"] > 0.5
