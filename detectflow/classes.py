@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detectflow import storage
-from detectflow.config import RunConfig
+from detectflow.config import RunConfig, model_fingerprint
 from detectflow.errors import ConfigError
 from detectflow.models import COCO_CATEGORIES, ResolvedWeights, is_factory
 
@@ -34,6 +34,11 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.categories)
+
+    def fingerprint(self, cfg: RunConfig) -> str:
+        """The run's model fingerprint (``config.model_fingerprint``): what its detections
+        depend on besides the image, weights and names by content."""
+        return model_fingerprint(cfg, self.weights.sha256, self.categories)
 
     def as_dict(self) -> dict[str, Any]:
         """The manifest's record of the model's classes."""

@@ -335,12 +335,8 @@ def plan(listing_uri: str, todo_uri: str, output_uri: str, fingerprint: str) -> 
     source = listing.read_index(listing_uri)
     key = {"listing": [f["sha256"] for f in source["files"]], "fingerprint": fingerprint}
     index = listing.read_index(todo_uri)
-    if isinstance(index, dict) and index.get("key") == key and "incremental" in index:
-        try:
-            if all(storage.sha256_file(f["uri"]) == f["sha256"] for f in index["files"]):
-                return index["incremental"]
-        except FileNotFoundError:
-            pass  # a shard is gone: plan again
+    if listing.reusable(index, key) and "incremental" in index:
+        return index["incremental"]
     storage.remove(listing.index_uri(todo_uri))
     storage.remove(todo_uri)
     table = tables.table_uri(output_uri)

@@ -286,7 +286,7 @@ def read_index(listing_uri: str) -> dict[str, Any] | None:
         return None
 
 
-def _reusable(index: dict[str, Any] | None, key: dict[str, Any]) -> bool:
+def reusable(index: dict[str, Any] | None, key: dict[str, Any]) -> bool:
     """The index matches these settings and every shard it lists is intact."""
     if not isinstance(index, dict) or index.get("key") != key:
         return False
@@ -309,7 +309,7 @@ def write_listing(
     key = {"input_uri": input_uri, "extensions": sorted(extensions), "shard_size": shard_size,
            "limit": limit}
     index = read_index(listing_uri)
-    if _reusable(index, key) and isinstance(index.get("skipped"), dict):
+    if reusable(index, key) and isinstance(index.get("skipped"), dict):
         return {"images": index["images"], "shards": len(index["files"]), "reused": True,
                 "skipped": index["skipped"]}
     storage.remove(index_uri(listing_uri))

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from detectflow import storage
 from detectflow.classes import ModelSpec
-from detectflow.config import RunConfig, model_fingerprint
+from detectflow.config import RunConfig
 from detectflow.errors import output_errors
 from detectflow.evaluation import evaluate as score
 from detectflow.evaluation import load_ground_truth, pr_curve_png
@@ -27,14 +27,13 @@ def evaluate(cfg: RunConfig, detected: DetectStats, spec: ModelSpec, listing: Li
     start = time.perf_counter()
     logger = get_run_logger()
     sources = [s["uri"] for s in detected.staged]
-    skipped = listing.incremental or {}
-    if skipped.get("skipped") and skipped.get("table_version") is not None:
+    planned = listing.incremental or {}
+    if planned.get("skipped") and planned.get("table_version") is not None:
         # An incremental run's skipped images were detected by this model before: their rows
         # are in the table version the run was planned against (this run's own rows come first,
         # so an image detected again is scored by its new row).
-        sources += partition_files(table_uri(cfg.output_uri),
-                                   model_fingerprint(cfg, spec.weights.sha256, spec.categories),
-                                   skipped["table_version"])
+        sources += partition_files(table_uri(cfg.output_uri), spec.fingerprint(cfg),
+                                   planned["table_version"])
     result = score(load_ground_truth(cfg.ground_truth), sources,
                    cfg.input_uri, spec.categories,
                    [spec.categories[i] for i in spec.keep] or None, cfg.score_threshold)

@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 from detectflow import storage
 from detectflow.classes import ModelSpec
-from detectflow.config import RunConfig, model_fingerprint
+from detectflow.config import RunConfig
 from detectflow.errors import output_errors
 from detectflow.exports import export as write_export
 from detectflow.orchestration import retry_unless_user_error
@@ -21,7 +21,7 @@ def export(cfg: RunConfig, written: Written, spec: ModelSpec) -> Exports:
     start = time.perf_counter()
     logger = get_run_logger()
     parquet = [storage.join(cfg.run_uri, f["path"]) for f in written.files]
-    version = model_fingerprint(cfg, spec.weights.sha256, spec.categories)
+    version = spec.fingerprint(cfg)
     done = []
     for fmt in cfg.exports:
         folder = f"exports/{fmt}"

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 
 from detectflow import incremental
 from detectflow.classes import ModelSpec
-from detectflow.config import RunConfig, model_fingerprint
+from detectflow.config import RunConfig
 from detectflow.errors import output_errors
 from detectflow.listing import summarise_skipped, write_listing
 from detectflow.orchestration import retry_unless_user_error
@@ -31,8 +31,7 @@ def list_images(cfg: RunConfig, spec: ModelSpec) -> Listing:
     todo = decided = None
     if cfg.incremental:  # what earlier runs detected with this model is not detected again
         todo = paths["todo"]
-        decided = incremental.plan(listing_uri, todo, cfg.output_uri,
-                                   model_fingerprint(cfg, spec.weights.sha256, spec.categories))
+        decided = incremental.plan(listing_uri, todo, cfg.output_uri, spec.fingerprint(cfg))
         log.info("incremental: %d new or changed images to detect; %d detected by %d earlier "
                  "run(s) are skipped; %d in the table are no longer listed", decided["inferred"],
                  decided["skipped"], len(decided["runs"]), decided["vanished"])

@@ -7,7 +7,7 @@ from prefect.artifacts import create_link_artifact
 
 from detectflow import failpoints, storage
 from detectflow.classes import ModelSpec
-from detectflow.config import RunConfig, model_fingerprint
+from detectflow.config import RunConfig
 from detectflow.errors import output_errors
 from detectflow.orchestration import retry_unless_user_error
 from detectflow.pipeline import DetectStats
@@ -39,7 +39,7 @@ def publish_manifest(
         parameters=cfg.model_dump(mode="json"),
         weights=spec.weights.as_dict(),
         classes=spec.as_dict(),
-        fingerprint=model_fingerprint(cfg, spec.weights.sha256, spec.categories),
+        fingerprint=spec.fingerprint(cfg),
         exports=exported.formats if exported else [],
         evaluation={**scored.evaluation, "plots": scored.plots} if scored else None,
         input_count=listing.images,
