@@ -40,6 +40,13 @@ class ModelSpec:
         depend on besides the image, weights and names by content."""
         return model_fingerprint(cfg, self.weights.sha256, self.categories)
 
+    def unnamed_notice(self) -> str | None:
+        """The one warning a run gives when its labels had to be numbered."""
+        if self.source != "generated":
+            return None
+        return (f"the weights carry no class names: labels are named class_1 to "
+                f"class_{self.num_classes - 1} (give them with --classes)")
+
     def as_dict(self) -> dict[str, Any]:
         """The manifest's record of the model's classes."""
         return {"num_classes": self.num_classes, "source": self.source,

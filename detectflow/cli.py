@@ -95,14 +95,16 @@ def config_options() -> list[tuple[str, dict[str, Any], bool]]:
             kwargs["choices"] = get_args(base)
             if len(kwargs["choices"]) > 4:  # too long for the usage line: listed in the help
                 kwargs.update(metavar="NAME", help=_help(field, kwargs["choices"]))
+        elif get_origin(base) is tuple:
+            kwargs["metavar"] = "A,B"
+            if get_origin(item := get_args(base)[0]) is Literal:
+                kwargs["help"] = _help(field, get_args(item), "Any of")
         elif literals := [a for a in get_args(base) if get_origin(a) is Literal]:
             # A torchvision name or one of the user's own: the names are listed, not enforced.
             kwargs.update(metavar="NAME", help=_help(field, get_args(literals[0]),
                                                      "torchvision's"))
         elif base in (int, float):
             kwargs.update(type=base, metavar="N" if base is int else "X")
-        elif get_origin(base) is tuple:
-            kwargs["metavar"] = "A,B"
         else:
             kwargs["metavar"] = "URI" if name.endswith(("_uri", "weights", "classes",
                                                         "ground_truth")) else "TEXT"

@@ -167,20 +167,24 @@ def _flat_name(image_uri: str, colliding: bool) -> str:
     return f"{stem}__{hashlib.sha256(image_uri.encode()).hexdigest()[:8]}{ext}"
 
 
-def _colliding(parquet_uris: Sequence[str]) -> frozenset[str]:
-    """Flat keys that more than one exported image has: a pass over the image URIs, kept as
-    Arrow strings (not Python objects) until counted."""
+def _colliding(parquet_uris: Sequence[str]) -> frozenset[int]:
+    """Hashes of the flat keys that more than one exported image has: a pass over the image
+    URIs that keeps 8 bytes per image. Two keys sharing a 64-bit hash would only both be
+    renamed, which stays unique and stable."""
     chunks = []
     for uri in parquet_uris:
         for batch in _record_batches(uri, ["image_uri", "width", "height", "error"]):
-            ok = ~_failed(batch)
-            uris = batch.column("image_uri").filter(pa.array(ok)).to_pylist()
-            chunks.append(pa.array([_flat_key(_base(u)) for u in uris], pa.string()))
+            uris = batch.column("image_uri").filter(pa.array(~_failed(batch))).to_pylist()
+            chunks.append(np.fromiter((_key_hash(u) for u in uris), np.uint64, len(uris)))
     if not chunks:
         return frozenset()
-    counts = pa.chunked_array(chunks, pa.string()).value_counts()
-    many = pc.greater(counts.field("counts"), 1)
-    return frozenset(counts.field("values").filter(many).to_pylist())
+    values, counts = np.unique(np.concatenate(chunks), return_counts=True)
+    return frozenset(values[counts > 1].tolist())
+
+
+def _key_hash(image_uri: str) -> int:
+    key = _flat_key(_base(image_uri)).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,11 +414,11 @@ class _Job:
     names: _Names
     image_root: str | None
     yolo_scores: bool
-    colliding: frozenset[str]
+    colliding: frozenset[int]
     renamed: int = 0
 
     def flat(self, image_uri: str) -> str:
-        colliding = _flat_key(_base(image_uri)) in self.colliding
+        colliding = _key_hash(image_uri) in self.colliding
         self.renamed += colliding
         return _flat_name(image_uri, colliding)
 

@@ -314,6 +314,7 @@ def read_checkpoint(model: str, weights: ResolvedWeights,
                     mmap: bool = False) -> tuple[dict, list[str] | None]:
     """The state dict in ``weights`` and the class names it carries, loaded with
     ``weights_only=True``; ``mmap`` leaves the tensors' bytes on disk until they are read."""
+    import argparse
     import zipfile
 
     import torch
@@ -321,8 +322,11 @@ def read_checkpoint(model: str, weights: ResolvedWeights,
     # Only torch.save's zip format can be mapped (not the legacy one, nor a file that is neither).
     is_zip = zipfile.is_zipfile(weights.path)
     try:
-        state = torch.load(weights.path, map_location="cpu", weights_only=True,
-                           mmap=mmap and is_zip)
+        # references/detection's train.py saves its argparse.Namespace beside the weights: plain
+        # data, so it is allowed as it is rather than turning weights_only off.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(weights.path, map_location="cpu", weights_only=True,
+                               mmap=mmap and is_zip)
     except Exception as exc:
         raise _unloadable(model, weights, exc, is_zip) from None
     return unwrap_checkpoint(model, weights, state)

@@ -54,9 +54,8 @@ def detect_objects(**params) -> dict:
 def _run(cfg: RunConfig) -> dict:
     storage.configure(cfg.s3_endpoint_url)
     spec = preflight(cfg)  # seconds: weights, classes, input and output are all usable
-    if spec.source == "generated":
-        get_run_logger().warning("the weights carry no class names: labels are named class_1 "
-                                 "to class_%d (give them with --classes)", spec.num_classes - 1)
+    if notice := spec.unnamed_notice():
+        get_run_logger().warning("%s", notice)
     with run_lease(cfg.run_uri, cfg.run_id, wait=cfg.wait):  # one run of a run id at a time
         if manifest := read_manifest(cfg.run_uri):  # re-running a published run changes nothing
             get_run_logger().warning("run %s is already published; nothing to do", cfg.run_id)

@@ -1,6 +1,7 @@
 """Your own detector: the class count read from the checkpoint, class names, ``only`` and
 ``package.module:factory`` models, checked on real checkpoints before any Ray starts."""
 
+import hashlib
 import json
 import sys
 
@@ -71,7 +72,8 @@ def test_class_names_from_a_file_for_a_bare_state_dict(tmp_path, bare_weights,
         path.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
     spec = _spec(tmp_path, weights=bare_weights, classes=str(path))
     assert spec.categories == ("__background__", *names)
-    assert spec.source == str(path) and len(spec.sha256) == 64
+    assert spec.source == str(path)
+    assert spec.as_dict()["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # manifest
 
 
 def test_without_names_labels_are_numbered(tmp_path, bare_weights, shapes_checkpoint):
@@ -79,6 +81,9 @@ def test_without_names_labels_are_numbered(tmp_path, bare_weights, shapes_checkp
     count = len(shapes_checkpoint["categories"])
     assert spec.source == "generated"
     assert spec.categories[1:] == tuple(f"class_{i}" for i in range(1, count + 1))
+    assert spec.unnamed_notice() == (f"the weights carry no class names: labels are named "
+                                     f"class_1 to class_{count} (give them with --classes)")
+    assert _spec(tmp_path).unnamed_notice() is None  # the checkpoint names them
 
 
 def test_a_count_that_disagrees_fails_naming_both_numbers(tmp_path, bare_weights,
@@ -186,3 +191,52 @@ def test_a_factorys_package_travels_to_a_cluster_with_our_code():
     assert shipped[-1] == str(REPO_ROOT / "examples") and len(shipped) == 4
     assert code_runtime_env(model="fasterrcnn_resnet50_fpn")["py_modules"] == shipped[:3]
     assert models.factory_folder("torch.nn:Identity") is None  # installed: every node has it
+
+
+def test_a_references_detection_checkpoint_of_a_torchvision_model_loads_as_saved(tmp_path):
+    """train.py in torchvision's references/detection saves its argparse.Namespace beside the
+    weights; a 3-class fine-tune of a torchvision builder is rebuilt with 3 classes and detects."""
+    import argparse
+
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    model = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    torch.manual_seed(0)
+    state = models.build_model(model, num_classes=3).state_dict()  # as a fine-tune starts
+    path = tmp_path / "model_25.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []},
+                "lr_scheduler": {"last_epoch": 25}, "epoch": 25,
+                "args": argparse.Namespace(model=model, num_classes=3, lr=0.02)}, path)
+    spec = _spec(tmp_path, model=model, weights=str(path))
+    assert spec.num_classes == 3 and spec.source == "generated"
+    loaded = models.load_model(model, spec.weights, num_classes=3, score_threshold=0.0)
+    image = pil_to_tensor(Image.open(REPO_ROOT / "data/sample_images/chelsea.jpg").convert("RGB"))
+    with torch.no_grad():
+        out = loaded([models.input_transform(model)(image)])[0]
+    assert out["scores"].numel() > 0 and set(out["labels"].tolist()) <= {1, 2}
+    assert loaded.roi_heads.box_predictor.cls_score.out_features == 3
+
+
+def test_a_factorys_own_head_takes_its_count_from_the_carried_names(tmp_path, monkeypatch):
+    """A head whose layout the registry does not know: the checkpoint's categories give the
+    count, and without them the check asks for --classes."""
+    (tmp_path / "mossd.py").write_text(
+        "from torchvision.models.detection import ssdlite320_mobilenet_v3_large\n"
+        "def build(num_classes):\n"
+        "    return ssdlite320_mobilenet_v3_large(num_classes=num_classes, weights=None,\n"
+        "                                         weights_backbone=None)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(REPO_ROOT)] + [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.delitem(sys.modules, "mossd", raising=False)
+    with models.weights_left_unfilled():
+        state = models.build_model("mossd:build", num_classes=3).state_dict()
+    assert models.num_classes_in("mossd:build", state) is None
+    torch.save({"model": state, "categories": ["cup", "plate"]}, tmp_path / "named.pth")
+    torch.save(state, tmp_path / "bare.pth")
+    found = weightcheck.check("mossd:build", str(tmp_path / "named.pth"), "named.pth")
+    assert found == {"num_classes": 3, "categories": ["cup", "plate"]}
+    with pytest.raises(WeightsError, match="give the class names with --classes"):
+        weightcheck.check("mossd:build", str(tmp_path / "bare.pth"), "bare.pth")
+    assert weightcheck.check("mossd:build", str(tmp_path / "bare.pth"), "bare.pth",
+                             num_classes=3)["num_classes"] == 3

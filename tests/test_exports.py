@@ -1,12 +1,10 @@
 """Exports of a run read back by the tools' own readers: pycocotools, supervision (COCO, YOLO,
 Pascal VOC) and Label Studio's converter, on real images and Parquet files, locally and on S3."""
 
-import csv
 import hashlib
 import io
 import json
 import os
-import shutil
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -15,6 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from export_readers import (
+    assert_boxes,
+    images_dir,
+    label_studio_coco,
+    read_names,
+    read_names_text,
+    xyxy,
+)
 from lxml import etree
 from PIL import Image
 
@@ -111,25 +117,10 @@ def check_files(result, out: Path) -> None:
     assert not any(f["path"].startswith(("labels/", "annotations/")) for f in result.files)
 
 
-def assert_boxes(got_xyxy, got_names, want, tol):
-    assert list(got_names) == [n for _, n, _ in want]
-    assert np.allclose(np.asarray(got_xyxy, float).reshape(-1, 4),
-                       np.array([b for b, _, _ in want], float).reshape(-1, 4), atol=tol)
 
 
-def read_names(path: Path) -> dict[str, str]:
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
-    assert rows[0] == ["name", "image_uri"]
-    return {name: uri for name, uri in rows[1:]}
 
 
-def images_dir(names: dict[str, str], folder: Path) -> str:
-    """What a user builds from names.csv: each image under its export name."""
-    folder.mkdir()
-    for name, uri in names.items():
-        shutil.copy(storage.image_path(uri), folder / name)
-    return str(folder)
 
 
 @pytest.mark.parametrize("table", ["shapes", "coco"])
@@ -212,8 +203,9 @@ def test_yolo_reads_back_in_supervision(tmp_path, table):
     assert (out / "labels" / "empty.txt").read_text() == ""  # an image with no objects
 
 
-def test_voc_reads_back_in_supervision(tmp_path):
-    run = make_run(tmp_path)
+@pytest.mark.parametrize("table", ["shapes", "coco"])
+def test_voc_reads_back_in_supervision(tmp_path, table):
+    run = make_run(tmp_path, table)
     out = tmp_path / "out"
     result = export(run["uris"], str(out), "voc", categories=run["categories"],
                     input_uri=run["input"], model_version="m-1")
@@ -227,7 +219,8 @@ def test_voc_reads_back_in_supervision(tmp_path):
     for name, uri in names.items():
         rel = os.path.relpath(storage.image_path(uri), run["input"])
         det = ds.annotations[str(tmp_path / "im" / name)]
-        assert_boxes(det.xyxy, [ds.classes[c] for c in det.class_id], want[rel], 0.5)
+        assert_boxes(det.xyxy, [ds.classes[c] for c in det.class_id],
+                     [(b, name_of(table, n), s) for b, n, s in want[rel]], 0.5)
         root = etree.parse(str(out / "annotations" / (os.path.splitext(name)[0] + ".xml")))
         w, h = next((size for r, size, _ in IMAGES if r == rel))
         assert (root.findtext("filename"), root.findtext("path")) == (name, uri)
@@ -261,8 +254,6 @@ def validate_task(task: dict, model_version: str) -> None:
 
 
 def test_label_studio_tasks_convert_with_label_studios_converter(tmp_path):
-    from label_studio_converter import Converter
-
     run = make_run(tmp_path)
     out = tmp_path / "out"
     result = export(run["uris"], str(out), "labelstudio", categories=run["categories"],
@@ -280,27 +271,19 @@ def test_label_studio_tasks_convert_with_label_studios_converter(tmp_path):
     ids = [r["id"] for t in tasks for r in t["predictions"][0]["result"]]
     assert len(set(ids)) == len(ids)
 
-    # Label Studio's converter reads annotations: present each prediction as the annotation a
-    # reviewer would make by accepting it, as Label Studio itself does.
-    as_annotated = [{"id": i + 1, "data": t["data"],
-                     "annotations": [{"id": i + 1, "result": t["predictions"][0]["result"]}]}
-                    for i, t in enumerate(tasks)]
-    (tmp_path / "ls.json").write_text(json.dumps(as_annotated))
-    converter = Converter(str(out / "config.xml"), str(tmp_path), download_resources=False)
-    assert {"COCO", "YOLO", "VOC"} <= set(converter.supported_formats)
-    converter.convert_to_coco(str(tmp_path / "ls.json"), str(tmp_path / "ls-coco"), is_dir=False)
-    got = json.loads((tmp_path / "ls-coco" / "result.json").read_text())
-    names = {c["id"]: c["name"] for c in got["categories"]}
+    names, got = label_studio_coco(tasks, out / "config.xml", tmp_path / "convert")
     assert sorted(names.values()) == sorted(SHAPES[1:])
     want = expected(min_score=0.1)
-    assert len(got["images"]) == len(tasks)
     for image, rel in zip(sorted(got["images"], key=lambda i: i["id"]), rels):
         anns = [a for a in got["annotations"] if a["image_id"] == image["id"]]
-        assert_boxes([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                       a["bbox"][1] + a["bbox"][3]] for a in anns],
-                     [names[a["category_id"]] for a in anns], want[rel], 0.5)
+        assert_boxes([xyxy(a["bbox"]) for a in anns], [names[a["category_id"]] for a in anns],
+                     want[rel], 0.5)
 
-    converter.convert_to_yolo(str(tmp_path / "ls.json"), str(tmp_path / "ls-yolo"), is_dir=False)
+    from label_studio_converter import Converter
+
+    converter = Converter(str(out / "config.xml"), str(tmp_path), download_resources=False)
+    converter.convert_to_yolo(str(tmp_path / "convert" / "ls.json"), str(tmp_path / "ls-yolo"),
+                              is_dir=False)
     classes = (tmp_path / "ls-yolo" / "classes.txt").read_text().split("\n")[:4]
     lines = (tmp_path / "ls-yolo" / "labels" / "dog.txt").read_text().split("\n")
     export(run["uris"], str(tmp_path / "yolo"), "yolo", categories=run["categories"],
@@ -415,7 +398,7 @@ def test_export_to_and_from_s3(moto_server, tmp_path):
         fs = s3fs.S3FileSystem(endpoint_url=url)
         fs.mkdir("exports")
         # A run over S3 images: its Parquet files on S3 too (images need not be read).
-        run = make_run(tmp_path)
+        run = make_run(tmp_path, "coco")  # torchvision's label table, gaps and all
         for uri in run["uris"]:
             table = pq.read_table(uri)
             uris = [u.replace(run["input"], "s3://exports/in") for u in
@@ -425,7 +408,7 @@ def test_export_to_and_from_s3(moto_server, tmp_path):
             pq.write_table(table, sink)
             fs.pipe_file(f"exports/run/{Path(uri).name}", sink.getvalue())
         shards = [f"s3://exports/run/{Path(u).name}" for u in run["uris"]]
-        kw = dict(categories=SHAPES, input_uri="s3://exports/in", model_version="m-1")
+        kw = dict(categories=COCO_CATEGORIES, input_uri="s3://exports/in", model_version="m-1")
 
         for fmt in FORMATS:
             result = export(shards, f"s3://exports/out/{fmt}", fmt, **kw)
@@ -442,9 +425,15 @@ def test_export_to_and_from_s3(moto_server, tmp_path):
         tasks = json.loads(fs.cat_file("exports/out/labelstudio/tasks.json"))
         for task in tasks:
             validate_task(task, "m-1")
-        assert [t["data"]["image"] for t in tasks] == [
-            f"s3://exports/in/{rel}" for rel in ("a/cat.png", "a/dog.jpg", "b/cat.png",
-                                                 "b/empty.png")]
+        rels = ("a/cat.png", "a/dog.jpg", "b/cat.png", "b/empty.png")
+        assert [t["data"]["image"] for t in tasks] == [f"s3://exports/in/{rel}" for rel in rels]
+        fs.get_file("exports/out/labelstudio/config.xml", str(tmp_path / "config.xml"))
+        names, got = label_studio_coco(tasks, tmp_path / "config.xml", tmp_path / "convert")
+        want = expected()
+        for image, rel in zip(sorted(got["images"], key=lambda i: i["id"]), rels):
+            anns = [a for a in got["annotations"] if a["image_id"] == image["id"]]
+            assert_boxes([xyxy(a["bbox"]) for a in anns], [names[a["category_id"]] for a in anns],
+                         [(b, name_of("coco", n), s) for b, n, s in want[rel]], 0.5)
         names = read_names_text(fs.cat_file("exports/out/yolo/names.csv").decode())
         assert len(names) == 4 and all(u.startswith("s3://exports/in/") for u in names.values())
         assert fs.exists("exports/out/voc/annotations/dog.xml")
@@ -453,9 +442,6 @@ def test_export_to_and_from_s3(moto_server, tmp_path):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def read_names_text(text: str) -> dict[str, str]:
-    rows = list(csv.reader(io.StringIO(text)))
-    return {name: uri for name, uri in rows[1:]}
 
 
 def test_many_rows_stream_in_bounded_memory(tmp_path):

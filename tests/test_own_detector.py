@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from export_readers import assert_boxes, images_dir, label_studio_coco, read_names, xyxy
 from faster_coco_eval import COCO, COCOeval_faster
 from PIL import Image
 from prefect.client.orchestration import get_client
@@ -18,6 +20,10 @@ from settle import settled
 from torchvision.io import ImageReadMode, decode_image
 
 from detectflow import storage
+
+with warnings.catch_warnings():  # supervision warns that it runs without OpenCV
+    warnings.simplefilter("ignore")
+    import supervision as sv
 from detectflow.config import REPO_ROOT
 from examples.shapes.data import CLASSES, make_dataset
 from examples.shapes.model import tiny_fasterrcnn
@@ -170,6 +176,19 @@ def test_a_run_below_min_map_is_failed_and_latest_stays(run, held_out):
     assert manifest["model"]["classes"]["only"] == sorted(kept)
     assert json.loads((run["out"] / "latest.json").read_text()) == latest  # not moved
 
+    def published(client) -> list[str]:
+        page = client._client.post("/events/filter", json={
+            "filter": {"event": {"name": ["detectflow.manifest.published"]},
+                       "any_resource": {"id": [f"detectflow.dataset.{run['out']}"]}}}).json()
+        return [e["payload"]["manifest_uri"] for e in page["events"]]
+
+    with get_client(sync_client=True) as client:
+        # The gated run's own Failed state is recorded after anything it emitted.
+        settled(lambda: client.read_flow_run(state.state_details.flow_run_id).state,
+                lambda s: s is not None and s.is_failed())
+        events = settled(lambda: published(client), lambda found: len(found) >= 1)
+    assert events == [str(run["dir"] / "manifest.json")]  # the first run's event, none for this
+
 
 def test_names_that_disagree_with_the_checkpoint_fail_before_ray(tmp_path, held_out):
     names = tmp_path / "names.txt"
@@ -186,7 +205,7 @@ def test_names_that_disagree_with_the_checkpoint_fail_before_ray(tmp_path, held_
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
-def test_the_same_run_from_and_to_s3_gives_the_same_numbers(run, held_out, s3):
+def test_the_same_run_from_and_to_s3_gives_the_same_numbers(run, held_out, s3, tmp_path):
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3)
@@ -206,21 +225,82 @@ def test_the_same_run_from_and_to_s3_gives_the_same_numbers(run, held_out, s3):
     assert fs.exists(f"detectflow-out/shapes/shapes-s3/{remote['plots'][0]}")
     assert np.isclose(remote["score_threshold"], THRESHOLD)
 
+    # `detectflow export` of the S3 run folder (SOURCE as a run's own folder, on S3).
+    from detectflow import cli
 
-def test_exports_are_written_before_the_manifest_which_lists_them(run):
-    manifest = run["manifest"]
+    try:
+        assert cli.main(["export", "s3://detectflow-out/shapes/shapes-s3", "--format", "yolo",
+                         "--yolo-scores", "--out", str(tmp_path / "yolo"),
+                         "--s3-endpoint-url", s3]) == 0
+    finally:
+        storage.configure(None)
+    labels = [line.split() for f in sorted((tmp_path / "yolo" / "labels").iterdir())
+              for line in f.read_text().splitlines()]
+    assert len(labels) == state.result()["counts"]["detections"]
+    assert all(len(fields) == 6 and 0 < float(fields[5]) <= 1 for fields in labels)
+    flat = read_names(tmp_path / "yolo" / "names.csv")
+    assert all(uri.startswith("s3://detectflow-in/shapes/") for uri in flat.values())
+
+
+def _rows(run) -> dict[str, list]:
+    """Image path -> [(xyxy, class name, score)] of the run's published rows that decoded."""
+    rows = {}
+    for f in run["manifest"]["output"]["files"]:
+        for r in pq.read_table(run["dir"] / f["path"]).to_pylist():
+            if r["error"] is None:
+                rows[storage.image_path(r["image_uri"])] = list(zip(r["boxes"], r["label_names"], r["scores"]))
+    return rows
+
+
+def test_exports_are_written_before_the_manifest_which_lists_them(run, held_out, tmp_path):
+    """Each export of the run, read back by its tool's own reader, holds the run's rows."""
+    from pycocotools.coco import COCO
+
+    manifest, exported = run["manifest"], run["dir"] / "exports"
     exports = {e["format"]: e for e in manifest["output"]["exports"]}
     assert set(exports) == {"coco", "yolo", "voc", "labelstudio"}
     for entry in exports.values():
         assert entry["images"] == 39 and entry["skipped_errors"] == 1  # the undecodable image
         for f in entry["files"]:
             assert storage.sha256_file(str(run["dir"] / f["path"])) == f["sha256"], f["path"]
-    coco = COCO(str(run["dir"] / "exports" / "coco" / "annotations.json"))
+    rows = _rows(run)
+    assert len(rows) == 39
+
+    coco = COCO(str(exported / "coco" / "annotations.json"))
     assert [c["name"] for c in coco.dataset["categories"]] == list(CLASSES)
     assert len(coco.dataset["annotations"]) == exports["coco"]["boxes"] \
         == manifest["counts"]["detections"]
-    coco.loadRes(str(run["dir"] / "exports" / "coco" / "results.json"))
+    coco.loadRes(str(exported / "coco" / "results.json"))
+    names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    for image in coco.dataset["images"]:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        assert_boxes([xyxy(a["bbox"]) for a in anns], [names[a["category_id"]] for a in anns],
+                     rows[str(held_out["images"] / image["file_name"])], 0.01)
 
+    for fmt in ("yolo", "voc"):
+        flat = read_names(exported / fmt / "names.csv")
+        folder = images_dir(flat, tmp_path / fmt)
+        if fmt == "yolo":
+            ds = sv.DetectionDataset.from_yolo(
+                images_directory_path=folder, data_yaml_path=str(exported / fmt / "data.yaml"),
+                annotations_directory_path=str(exported / fmt / "labels"))
+        else:
+            ds = sv.DetectionDataset.from_pascal_voc(
+                images_directory_path=folder,
+                annotations_directory_path=str(exported / fmt / "annotations"))
+        assert sorted(ds.classes) == sorted(CLASSES)
+        for name, uri in flat.items():
+            det = ds.annotations[str(tmp_path / fmt / name)]
+            assert_boxes(det.xyxy, [ds.classes[c] for c in det.class_id],
+                         rows[storage.image_path(uri)], 0.5)
+
+    tasks = json.loads((exported / "labelstudio" / "tasks.json").read_text())
+    names, got = label_studio_coco(tasks, exported / "labelstudio" / "config.xml",
+                                   tmp_path / "labelstudio")
+    for image, task in zip(sorted(got["images"], key=lambda i: i["id"]), tasks):
+        anns = [a for a in got["annotations"] if a["image_id"] == image["id"]]
+        assert_boxes([xyxy(a["bbox"]) for a in anns], [names[a["category_id"]] for a in anns],
+                     rows[storage.image_path(task["data"]["image"])], 0.5)
 
 def test_export_command_reads_the_latest_run_of_a_prefix(run, tmp_path):
     done = subprocess.run(
