@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import S3_SECRET, SMALL_MODEL
+from conftest import S3_SECRET
 from prefect.client.orchestration import get_client
 from ray_nodes import LocalCluster, cmdline
 from settle import completed_task_runs, session_processes, settled
@@ -30,7 +30,9 @@ from detectflow.preflight import require_shared_storage
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "motorcycle.jpg", "rocket.jpg"]
-WEIGHTS = "s3://detectflow-in/weights/cluster-small.pth"
+# Your own detector (a package.module:factory) on the cluster: its package travels with ours.
+MODEL = "examples.shapes.model:tiny_fasterrcnn"
+WEIGHTS = "s3://detectflow-in/weights/shapes.pth"
 STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest"}
 
 
@@ -200,14 +202,15 @@ def _detectflow_run(env: dict[str, str], *args: str, timeout: int = 420):
 
 def _s3_args(s3: str, run_id: str) -> list[str]:
     return ["--input", "s3://detectflow-in/photos", "--output", "s3://detectflow-out/cluster",
-            "--model", SMALL_MODEL, "--weights", WEIGHTS, "--score-threshold", "0.3",
+            "--model", MODEL, "--weights", WEIGHTS, "--score-threshold", "0.3",
             "--s3-endpoint-url", s3, "--run-id", run_id]
 
 
 @pytest.fixture(scope="module")
-def fs(s3, small_weights):
+def fs(s3):
     fs = s3fs.S3FileSystem(endpoint_url=s3)
-    fs.put_file(str(small_weights), WEIGHTS.removeprefix("s3://"))
+    fs.put_file(str(ROOT / "examples" / "shapes" / "shapes_detector.pth"),
+                WEIGHTS.removeprefix("s3://"))
     return fs
 
 
@@ -274,8 +277,9 @@ def test_work_ran_on_both_nodes(ray_state):
 def test_code_and_settings_reach_the_workers_through_runtime_env(ray_state, s3, prefect_api):
     (detector,) = [a for a in ray_state["actors"] if "Detector" in a.class_name]
     runtime_env = json.loads(detector.serialized_runtime_env)
-    # detectflow, tasks and flows, uploaded by the driver (gcs://_ray_pkg_<hash>.zip)
-    assert len(runtime_env["py_modules"]) == 3
+    # detectflow, tasks, flows and the factory's package (examples), uploaded by the driver
+    # (gcs://_ray_pkg_<hash>.zip): the workers import the model from there.
+    assert len(runtime_env["py_modules"]) == 4
     assert all(uri.startswith("gcs://_ray_pkg_") for uri in runtime_env["py_modules"])
     assert runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"] == s3
     assert runtime_env["env_vars"]["PREFECT_API_URL"] == prefect_api.rstrip("/")
@@ -314,7 +318,7 @@ def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefe
                                                           sample_dir):
     proc, _ = _detectflow_run(
         _cli_env(tmp_path, prefect_api), "--input", str(sample_dir), "--output",
-        "s3://detectflow-out/cluster", "--model", SMALL_MODEL, "--weights", WEIGHTS,
+        "s3://detectflow-out/cluster", "--model", MODEL, "--weights", WEIGHTS,
         "--s3-endpoint-url", s3, "--run-id", "local-input", "--ray-address", cluster.address,
         timeout=240)
     assert proc.returncode == 1, proc.stderr[-3000:]
