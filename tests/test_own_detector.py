@@ -240,6 +240,14 @@ def test_the_same_run_from_and_to_s3_gives_the_same_numbers(run, held_out, s3, t
     assert all(len(fields) == 6 and 0 < float(fields[5]) <= 1 for fields in labels)
     flat = read_names(tmp_path / "yolo" / "names.csv")
     assert all(uri.startswith("s3://detectflow-in/shapes/") for uri in flat.values())
+    # SOURCE as an output prefix on S3: its latest.json names the run.
+    try:
+        assert cli.main(["export", "s3://detectflow-out/shapes", "--format", "coco", "--out",
+                         "s3://detectflow-out/shapes-coco", "--s3-endpoint-url", s3]) == 0
+    finally:
+        storage.configure(None)
+    coco = json.loads(fs.cat_file("detectflow-out/shapes-coco/annotations.json"))
+    assert len(coco["images"]) == 39 and len(coco["annotations"]) == len(labels)
 
 
 def _rows(run) -> dict[str, list]:
@@ -318,3 +326,9 @@ def test_export_command_reads_the_latest_run_of_a_prefix(run, tmp_path):
     assert results and all(r["value"]["rectanglelabels"] == [CLASSES[0]] and r["score"] >= 0.5
                            for r in results)
     assert all(t["data"]["image"].startswith("http://files.local/") for t in tasks)
+    # SOURCE as the run's own folder.
+    from detectflow import cli
+
+    assert cli.main(["export", str(run["dir"]), "--format", "voc", "--out",
+                     str(tmp_path / "voc")]) == 0
+    assert len(list((tmp_path / "voc" / "annotations").glob("*.xml"))) == 39
