@@ -165,7 +165,7 @@ def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
     inp, out = images / "in", tmp_path / "out"
     args = ["--input", str(inp), "--output", str(out), "--model", SHAPES, "--weights",
             str(WEIGHTS), "--incremental", "--score-threshold", "0.3", "--run-id", "killed"]
-    run = CrashingRun(tmp_path, args, "before-merge")
+    run = CrashingRun(tmp_path, args, "before-merge", prefect_api)
     run.wait_for_failpoint()
     run.kill()
     assert (out / "killed" / "manifest.json").exists() and not (out / "table").exists()
@@ -184,7 +184,7 @@ def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
 
 @pytest.mark.slow
 def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, images,
-                                                                  tmp_path):
+                                                                  tmp_path, prefect_api):
     """Two `detectflow run` processes, each with its own Ray, over two halves of a bucket into
     one output prefix on the loopback S3 (delta-rs commits with S3's conditional writes)."""
     import s3fs
@@ -199,7 +199,7 @@ def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, i
     for half in ("a", "b"):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-        env["PREFECT_HOME"] = str(tmp_path / f"prefect-{half}")
+        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), PREFECT_API_URL=prefect_api)
         log = open(tmp_path / f"{half}.log", "wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",

@@ -205,7 +205,8 @@ def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local,
 
 @pytest.mark.slow
 def test_the_terminal_shows_no_traceback_for_an_outage_and_a_killed_actor(s3, sample_dir,
-                                                                         small_weights, tmp_path):
+                                                                         small_weights, tmp_path,
+                                                                         prefect_api):
     """Both README rows as a user meets them, through `detectflow run`: S3 refuses the listing's
     writes for a while and an inference actor is SIGKILLed mid-run; the run completes and the
     terminal shows Ray's and Prefect's one-line notes, never a Python traceback."""
@@ -215,7 +216,7 @@ def test_the_terminal_shows_no_traceback_for_an_outage_and_a_killed_actor(s3, sa
         fs.put_file(str(originals[i % len(originals)]), f"detectflow-in/terminal/photo-{i:02d}.jpg")
     attempts = _attempts_of_one_write(s3)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=prefect_api)
     staged = "detectflow-out/terminal/terminal/_staging/detections/shard-*.parquet"
     with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
         proc = subprocess.Popen(
@@ -280,10 +281,13 @@ class CrashingRun:
     """`detectflow run` in its own session, frozen at a failpoint, then SIGKILLed with every
     process it started (its Ray cluster and Prefect server included)."""
 
-    def __init__(self, tmp_path: Path, args: list[str], failpoint: str) -> None:
+    def __init__(self, tmp_path: Path, args: list[str], failpoint: str, api: str) -> None:
+        # Reporting to the test's Prefect API, as with a server: the run's own temporary server
+        # and its death with the run are tests/test_api_server.py's.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-        env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DETECTFLOW_TEST_FAILPOINT=failpoint)
+        env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
+                   DETECTFLOW_TEST_FAILPOINT=failpoint)
         self.log = tmp_path / "run.log"
         self.failpoint = failpoint
         with open(self.log, "wb") as log:
@@ -324,7 +328,7 @@ def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once
     run = CrashingRun(tmp_path, ["--input", str(sample_dir), "--output", str(out), "--model",
                                  SMALL, "--weights", str(small_weights), "--score-threshold",
                                  "0.3", "--shard-size", "2", "--run-id", "crash"],
-                      "before-manifest")
+                      "before-manifest", prefect_api)
     run.wait_for_failpoint()
     run.kill()
     assert run.proc.returncode == -signal.SIGKILL
@@ -354,7 +358,7 @@ def test_resume_reuses_verified_shards_and_infers_only_the_rest(tmp_path, photos
     run = CrashingRun(tmp_path, ["--input", str(photos), "--output", str(out), "--model", SMALL,
                                  "--weights", str(small_weights), "--score-threshold", "0.3",
                                  "--shard-size", "2", "--batch-size", "1", "--run-id", "resume"],
-                      "after-shards:3")
+                      "after-shards:3", prefect_api)
     run.wait_for_failpoint()
     run.kill()
     staged = _sidecars(run_dir)
