@@ -17,6 +17,12 @@ from detectflow.errors import ConfigError
 from detectflow.models import COCO_CATEGORIES, ResolvedWeights, is_factory
 
 BACKGROUND = "__background__"
+
+
+def label_table(names: list[str]) -> list[str]:
+    """Names of labels 0, 1, ...: ``names`` for labels 1, 2, ..., after background (given or
+    not)."""
+    return names if names[:1] == [BACKGROUND] else [BACKGROUND, *names]
 UNUSED = "N/A"  # a gap in a label table (COCO's ids run to 90 for 80 classes)
 
 
@@ -72,11 +78,10 @@ def read_names(uri: str) -> tuple[list[str], str]:
         names = _names_from_json(uri, doc)
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
-    if names and names[0] == BACKGROUND:
-        names = names[1:]
-    if not names:
+    table = label_table(names)
+    if len(table) < 2:
         raise ConfigError(f"classes {uri}: names no class")
-    return [BACKGROUND, *names], storage.sha256_bytes(data)
+    return table, storage.sha256_bytes(data)
 
 
 def _names_from_json(uri: str, doc: object) -> list[str]:
@@ -105,7 +110,7 @@ def resolve(cfg: RunConfig, weights: ResolvedWeights, num_classes: int,
         table, sha256 = read_names(cfg.classes)
         source, what = cfg.classes, f"classes {cfg.classes}"
     elif carried is not None:
-        table = carried if carried[:1] == [BACKGROUND] else [BACKGROUND, *carried]
+        table = label_table(carried)
         source, what = "checkpoint", f"the categories in {weights.source}"
     elif num_classes == len(COCO_CATEGORIES) and not is_factory(cfg.model):
         table, source, what = list(COCO_CATEGORIES), "torchvision", ""

@@ -27,7 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
-from detectflow.classes import BACKGROUND
+from detectflow.classes import label_table
 from detectflow.errors import ConfigError, WeightsError
 from detectflow.models import ResolvedWeights, is_factory
 
@@ -104,7 +104,7 @@ def check(model: str, path: str, source: str, num_classes: int = 0) -> dict:
     # A torchvision model whose head is not in the file: built as for COCO, and the check
     # names the keys that are missing.
     count = (num_classes_in(model, state) or num_classes
-             or (len(names) + (names[:1] != [BACKGROUND]) if names else 0)
+             or (len(label_table(names)) if names else 0)
              or (0 if is_factory(model) else 91))
     if not count:
         raise WeightsError(f"weights for {model}: cannot tell their class count from the "

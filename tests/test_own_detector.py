@@ -19,7 +19,7 @@ from prefect.client.orchestration import get_client
 from settle import settled
 from torchvision.io import ImageReadMode, decode_image
 
-from detectflow import storage
+from detectflow import cli, storage
 
 with warnings.catch_warnings():  # supervision warns that it runs without OpenCV
     warnings.simplefilter("ignore")
@@ -226,8 +226,6 @@ def test_the_same_run_from_and_to_s3_gives_the_same_numbers(run, held_out, s3, t
     assert np.isclose(remote["score_threshold"], THRESHOLD)
 
     # `detectflow export` of the S3 run folder (SOURCE as a run's own folder, on S3).
-    from detectflow import cli
-
     try:
         assert cli.main(["export", "s3://detectflow-out/shapes/shapes-s3", "--format", "yolo",
                          "--yolo-scores", "--out", str(tmp_path / "yolo"),
@@ -327,8 +325,6 @@ def test_export_command_reads_the_latest_run_of_a_prefix(run, tmp_path):
                            for r in results)
     assert all(t["data"]["image"].startswith("http://files.local/") for t in tasks)
     # SOURCE as the run's own folder.
-    from detectflow import cli
-
     assert cli.main(["export", str(run["dir"]), "--format", "voc", "--out",
                      str(tmp_path / "voc")]) == 0
     assert len(list((tmp_path / "voc" / "annotations").glob("*.xml"))) == 39
