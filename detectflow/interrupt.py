@@ -38,6 +38,8 @@ class Interrupted(BaseException):
 
 _received: list[int] = []
 _on_deadline: list[Callable[[], None]] = []
+# Signals that reached another handler (Prefect's, in a flow) while ours was active.
+_noted: list[int] = []
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -68,7 +70,7 @@ def stop_on_signals(on_deadline: Callable[[], None] | None = None) -> Iterator[N
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while this is active;
     ``on_deadline`` runs (e.g. prints the last line) if the process must be stopped without
     unwinding. Elsewhere than the main thread, signals cannot be handled: nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
+    if not _is_main_thread():
         yield
         return
     previous = {sig: signal.signal(sig, _handler) for sig in SIGNALS}
@@ -85,7 +87,49 @@ def stop_on_signals(on_deadline: Callable[[], None] | None = None) -> Iterator[N
 
 def interrupted() -> int | None:
     """The first signal received while :func:`stop_on_signals` was active, if any."""
-    return _received[0] if _received else None
+    return (_received or _noted or [None])[0]
+
+
+@contextlib.contextmanager
+def noted_in_flow() -> Iterator[None]:
+    """Note a SIGTERM that reaches the handler Prefect's flow engine puts in place for a run.
+
+    That handler raises ``TerminationSignal``, and Prefect hands the signal back to ours only
+    when that exception leaves the flow as itself. Raised inside a library that wraps what it
+    catches (pydantic's serializer, as a task is submitted), it leaves as another error, and the
+    run would end Failed rather than interrupted. Noted here, it leaves as itself again."""
+    ours = _is_main_thread() and signal.getsignal(signal.SIGINT) is _handler
+    flows_own = signal.getsignal(signal.SIGTERM)
+    if not ours or not callable(flows_own):  # not within :func:`stop_on_signals`: nothing to do
+        yield
+        return
+
+    def noting(signum: int, frame: object) -> None:
+        if _noted:  # asked twice: stop now, as ours does
+            _stop_now(signum)
+        _noted.append(signum)
+        threading.Thread(target=_deadline, args=(signum,), daemon=True,
+                         name="detectflow-deadline").start()
+        flows_own(signum, frame)
+
+    signal.signal(signal.SIGTERM, noting)
+    try:
+        yield
+    except Exception as exc:
+        if not _noted:
+            raise
+        from prefect.exceptions import TerminationSignal
+
+        # Give the stop back its own exception: Prefect marks the run Crashed, as for any
+        # stop, and hands the signal on to ours.
+        raise TerminationSignal(signal.SIGTERM) from exc
+    finally:
+        if signal.getsignal(signal.SIGTERM) is noting:
+            signal.signal(signal.SIGTERM, flows_own)
+
+
+def _is_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
@@ -93,7 +137,7 @@ def keep_handlers(signals: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None
     """Restore the handlers of ``signals`` after the block: ``ray.init`` replaces SIGTERM's with
     a ``sys.exit``, which would take the signal from its owner (Prefect's cancellation bridge in
     a flow run, :func:`stop_on_signals` in ``detectflow run``)."""
-    if threading.current_thread() is not threading.main_thread():
+    if not _is_main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in signals}

@@ -16,6 +16,7 @@ from detectflow.announce import published_event
 from detectflow.classes import ModelSpec
 from detectflow.config import RunConfig, flow_signature, parse_config
 from detectflow.errors import DetectflowError
+from detectflow.interrupt import noted_in_flow
 from detectflow.lease import run_lease
 from detectflow.orchestration import (
     LazyRayTaskRunner,
@@ -45,7 +46,8 @@ from tasks import (
 def detect_objects(**params) -> dict:
     """Detect objects in every image under ``input_uri``; publish ``<output_uri>/<run_id>/``."""
     try:
-        return _run(parse_config(**params).with_run_id())
+        with noted_in_flow():  # a stop that lands in a library still ends as interrupted
+            return _run(parse_config(**params).with_run_id())
     except DetectflowError as exc:  # a user's mistake: one line, no traceback
         get_run_logger().error("%s", exc)
         return Failed(message=f"{type(exc).__name__}: {exc}")
