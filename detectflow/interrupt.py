@@ -92,37 +92,42 @@ def interrupted() -> int | None:
 
 @contextlib.contextmanager
 def noted_in_flow() -> Iterator[None]:
-    """Note a SIGTERM that reaches the handler Prefect's flow engine puts in place for a run.
+    """Keep a stop a stop when it lands inside a library that renames exceptions.
 
-    That handler raises ``TerminationSignal``, and Prefect hands the signal back to ours only
-    when that exception leaves the flow as itself. Raised inside a library that wraps what it
-    catches (pydantic's serializer, as a task is submitted), it leaves as another error, and the
-    run would end Failed rather than interrupted. Noted here, it leaves as itself again."""
-    ours = _is_main_thread() and signal.getsignal(signal.SIGINT) is _handler
-    flows_own = signal.getsignal(signal.SIGTERM)
-    if not ours or not callable(flows_own):  # not within :func:`stop_on_signals`: nothing to do
+    In a flow run, Prefect's engine handles SIGTERM: its handler raises ``TerminationSignal``,
+    and the engine records Cancelled (the UI's Cancel) or Crashed, handing the signal on to the
+    handler before it (ours, in ``detectflow run``). Raised inside pydantic's serializer (as
+    prefect-ray submits a task), the exception leaves as a ``PydanticSerializationError``, and
+    the run would end Failed. Noted here, the stop leaves as itself again; so does a Ctrl-C,
+    which our handler took."""
+    flows_own = signal.getsignal(signal.SIGTERM) if _is_main_thread() else None
+    if not callable(flows_own):
         yield
         return
+    ours = signal.getsignal(signal.SIGINT) is _handler  # within :func:`stop_on_signals`
+    noted: list[int] = []
 
     def noting(signum: int, frame: object) -> None:
-        if _noted:  # asked twice: stop now, as ours does
-            _stop_now(signum)
-        _noted.append(signum)
-        threading.Thread(target=_deadline, args=(signum,), daemon=True,
-                         name="detectflow-deadline").start()
+        if ours:
+            if _noted:  # asked twice: stop now, as ours does
+                _stop_now(signum)
+            _noted.append(signum)
+            threading.Thread(target=_deadline, args=(signum,), daemon=True,
+                             name="detectflow-deadline").start()
+        noted.append(signum)
         flows_own(signum, frame)
 
     signal.signal(signal.SIGTERM, noting)
     try:
         yield
     except Exception as exc:
-        if not _noted:
-            raise
-        from prefect.exceptions import TerminationSignal
+        if noted:
+            from prefect.exceptions import TerminationSignal
 
-        # Give the stop back its own exception: Prefect marks the run Crashed, as for any
-        # stop, and hands the signal on to ours.
-        raise TerminationSignal(signal.SIGTERM) from exc
+            raise TerminationSignal(signal.SIGTERM) from exc
+        if ours and _received:
+            raise Interrupted(_received[0]) from exc
+        raise
     finally:
         if signal.getsignal(signal.SIGTERM) is noting:
             signal.signal(signal.SIGTERM, flows_own)

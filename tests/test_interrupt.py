@@ -1,11 +1,11 @@
-"""A stop that lands inside a library still ends ``detectflow run`` as interrupted."""
+"""A stop that lands inside a library still stops ``detectflow run`` as a stop."""
 
 import os
 import signal
 import time
 
 import pytest
-from prefect import flow
+from prefect import flow, get_client
 from pydantic import BaseModel, field_serializer
 
 from detectflow import interrupt
@@ -14,40 +14,61 @@ from detectflow import interrupt
 class _StoppedWhileSerialised(BaseModel):
     """As prefect-ray serialises the run's context for a task: the signal lands in pydantic."""
 
-    x: int = 0
+    signum: int
 
-    @field_serializer("x")
-    def _send(self, x: int) -> int:
-        os.kill(os.getpid(), signal.SIGTERM)
+    @field_serializer("signum")
+    def _send(self, signum: int) -> int:
+        os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler runs here, and its exception leaves through pydantic
-        return x
+        return signum
 
 
 @flow(name="stopped-in-a-library")
-def _stopped(note: bool) -> None:
+def _stopped(signum: int, note: bool) -> None:
     if note:
         with interrupt.noted_in_flow():
-            _StoppedWhileSerialised().model_dump()
+            _StoppedWhileSerialised(signum=signum).model_dump()
     else:
-        _StoppedWhileSerialised().model_dump()
+        _StoppedWhileSerialised(signum=signum).model_dump()
 
 
-def test_a_sigterm_wrapped_by_a_library_in_the_flow_still_stops_the_run(prefect_api, monkeypatch):
-    from prefect import get_client
-
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_wrapped_by_a_library_in_the_flow_still_stops_the_run(signum, prefect_api,
+                                                                       monkeypatch):
     monkeypatch.setattr(interrupt, "DEADLINE", 3600.0)  # the test process must live on
     monkeypatch.setattr(interrupt, "_noted", [])
     monkeypatch.setattr(interrupt, "_received", [])
     with interrupt.stop_on_signals():
-        unnoted = _stopped(False, return_state=True)
-        # Prefect's handler took the signal, pydantic renamed its exception, and it was lost.
-        assert interrupt.interrupted() is None
-        assert unnoted.is_failed() and "PydanticSerializationError" in unnoted.message
+        if signum == signal.SIGTERM:
+            # Prefect's handler takes SIGTERM in a flow; renamed by pydantic, it was lost.
+            unnoted = _stopped(signum, False, return_state=True)
+            assert interrupt.interrupted() is None
+            assert unnoted.is_failed() and "PydanticSerializationError" in unnoted.message
+            assert "TerminationSignal" in unnoted.message
         with pytest.raises(interrupt.Interrupted) as stopped:
-            _stopped(True)
-    assert stopped.value.exit_code == 143 and interrupt.interrupted() == signal.SIGTERM
+            _stopped(signum, True)
+    assert stopped.value.exit_code == 128 + signum and interrupt.interrupted() == signum
     assert signal.getsignal(signal.SIGTERM) is not interrupt._handler  # restored after the block
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(sort="EXPECTED_START_TIME_DESC", limit=50)
-    states = [r.state.type.value for r in runs if r.flow_id == runs[0].flow_id]
-    assert states[:2] == ["CRASHED", "FAILED"]  # the stop shows as a stop, as anywhere else
+        run = client.read_flow_runs(sort="EXPECTED_START_TIME_DESC", limit=1)[0]
+    assert run.state.type.value == "CRASHED"  # the stop shows as a stop, as anywhere else
+
+
+def test_a_sigterm_wrapped_by_a_library_in_a_deployments_run_reaches_prefect(prefect_api,
+                                                                            monkeypatch):
+    """In a worker's or ``serve``'s run (no ``detectflow run`` around it), the engine gets its
+    ``TerminationSignal`` back, to record Cancelled or Crashed."""
+    from prefect.exceptions import TerminationSignal
+
+    monkeypatch.setattr(interrupt, "_noted", [])
+    handed_on = []  # Prefect hands the signal on to the handler it replaced
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handed_on.append(signum))
+    try:
+        with pytest.raises(TerminationSignal):
+            _stopped(signal.SIGTERM, True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert handed_on == [signal.SIGTERM] and not interrupt._noted  # no deadline of ours here
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(sort="EXPECTED_START_TIME_DESC", limit=1)[0]
+    assert run.state.type.value == "CRASHED"
