@@ -92,40 +92,38 @@ def interrupted() -> int | None:
 
 @contextlib.contextmanager
 def noted_in_flow() -> Iterator[None]:
-    """Keep a stop a stop when it lands inside a library that renames exceptions.
+    """In ``detectflow run``, keep a stop a stop when it lands inside a library that renames
+    exceptions.
 
     In a flow run, Prefect's engine handles SIGTERM: its handler raises ``TerminationSignal``,
-    and the engine records Cancelled (the UI's Cancel) or Crashed, handing the signal on to the
-    handler before it (ours, in ``detectflow run``). Raised inside pydantic's serializer (as
-    prefect-ray submits a task), the exception leaves as a ``PydanticSerializationError``, and
-    the run would end Failed. Noted here, the stop leaves as itself again; so does a Ctrl-C,
-    which our handler took."""
+    and the engine hands the signal on to ours once that exception has left the flow. Raised
+    inside pydantic's serializer (as prefect-ray submits a task), it leaves as a
+    ``PydanticSerializationError``, and the run would end Failed. Noted here, the stop leaves
+    as itself again; so does a Ctrl-C, which our handler took. A worker's or ``serve``'s run is
+    left alone: Prefect acknowledges a UI cancel only while its own handler is in place."""
     flows_own = signal.getsignal(signal.SIGTERM) if _is_main_thread() else None
-    if not callable(flows_own):
+    ours = _is_main_thread() and signal.getsignal(signal.SIGINT) is _handler
+    if not ours or not callable(flows_own):
         yield
         return
-    ours = signal.getsignal(signal.SIGINT) is _handler  # within :func:`stop_on_signals`
-    noted: list[int] = []
 
     def noting(signum: int, frame: object) -> None:
-        if ours:
-            if _noted:  # asked twice: stop now, as ours does
-                _stop_now(signum)
-            _noted.append(signum)
-            threading.Thread(target=_deadline, args=(signum,), daemon=True,
-                             name="detectflow-deadline").start()
-        noted.append(signum)
+        if _noted:  # asked twice: stop now, as ours does
+            _stop_now(signum)
+        _noted.append(signum)
+        threading.Thread(target=_deadline, args=(signum,), daemon=True,
+                         name="detectflow-deadline").start()
         flows_own(signum, frame)
 
     signal.signal(signal.SIGTERM, noting)
     try:
         yield
     except Exception as exc:
-        if noted:
+        if _noted:
             from prefect.exceptions import TerminationSignal
 
             raise TerminationSignal(signal.SIGTERM) from exc
-        if ours and _received:
+        if _received:
             raise Interrupted(_received[0]) from exc
         raise
     finally:

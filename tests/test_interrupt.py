@@ -53,22 +53,3 @@ def test_a_signal_wrapped_by_a_library_in_the_flow_still_stops_the_run(signum, p
         run = client.read_flow_runs(sort="EXPECTED_START_TIME_DESC", limit=1)[0]
     assert run.state.type.value == "CRASHED"  # the stop shows as a stop, as anywhere else
 
-
-def test_a_sigterm_wrapped_by_a_library_in_a_deployments_run_reaches_prefect(prefect_api,
-                                                                            monkeypatch):
-    """In a worker's or ``serve``'s run (no ``detectflow run`` around it), the engine gets its
-    ``TerminationSignal`` back, to record Cancelled or Crashed."""
-    from prefect.exceptions import TerminationSignal
-
-    monkeypatch.setattr(interrupt, "_noted", [])
-    handed_on = []  # Prefect hands the signal on to the handler it replaced
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handed_on.append(signum))
-    try:
-        with pytest.raises(TerminationSignal):
-            _stopped(signal.SIGTERM, True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert handed_on == [signal.SIGTERM] and not interrupt._noted  # no deadline of ours here
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_runs(sort="EXPECTED_START_TIME_DESC", limit=1)[0]
-    assert run.state.type.value == "CRASHED"
