@@ -70,8 +70,11 @@ def server(tmp_path_factory):
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_API_URL=api,
-        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",  # upcoming runs appear within seconds  # the UI's own calls go to this port, not the default 4200
+        PREFECT_UI_API_URL=api,  # the UI's own calls go to this port, not the default 4200
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",  # upcoming runs appear within seconds
+        # A run created is picked up within a second, not ten (the defaults' polling).
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
         PREFECT_API_URL=api,  # for the CLI, workers and flow runs started below
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DATA_DISABLE_PROGRESS_BARS="1",
@@ -152,7 +155,7 @@ def _wait_terminal(server, flow_run_id: str, proc: subprocess.Popen, timeout: fl
         if proc.poll() is not None:  # the worker / served process died: no point waiting
             time.sleep(5)
             return server["client"].get(f"/flow_runs/{flow_run_id}").json()
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"flow run not finished after {timeout} s; state {run['state_type']}")
 
 
@@ -374,25 +377,6 @@ def _assert_cancelled_and_stopped(server, run: dict, seconds: float, keep: set[i
     assert not left, {pid: cmdline(pid)[:200] for pid in left}
 
 
-# After the tests of worker_run's output (it moves latest.json and emits a second event), before
-# `make serve`'s test replaces the deployments with served ones.
-def test_the_next_night_detects_only_what_is_new(server, deployed, worker_run, small_weights,
-                                                sample_dir):
-    """The nightly deployment runs incrementally: the second night finds every photo in the
-    table the first night filled, detects none, and still publishes."""
-    first = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
-    assert first["parameters"]["incremental"] is True  # from prefect.yaml, not from the test
-    assert first["incremental"]["inferred"] == len(list(sample_dir.glob("*.jpg")))
-    _worker_run(server, deployed["nightly"],
-                _params(worker_run["out"], "second-night", small_weights))
-    second = json.loads((worker_run["out"] / "second-night" / "manifest.json").read_text())
-    assert second["incremental"]["inferred"] == 0 and second["counts"]["images"] == 0
-    assert second["incremental"]["skipped"] == first["incremental"]["inferred"]
-    assert second["incremental"]["runs"] == {"from-deployment": first["counts"]["images"]}
-    latest = json.loads((worker_run["out"] / "latest.json").read_text())
-    assert latest["run_id"] == "second-night"
-
-
 @pytest.mark.slow
 def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, small_weights, many_photos,
                                                      tmp_path_factory):
@@ -419,46 +403,71 @@ def server_pid(server) -> set[int]:
     return {server["pid"], *descendants(server["pid"])}
 
 
-@pytest.mark.slow
-def test_served_deployments_run_a_ui_triggered_run(server, deployed, small_weights,
-                                                   tmp_path_factory, many_photos):
+# From here on `make serve` has replaced the deployments with served ones: after every test of a
+# worker's runs, and of worker_run's output (the second night moves latest.json and emits a
+# second event).
+@pytest.fixture(scope="module")
+def served(server, deployed, worker_run, small_weights):
     """``make serve``: the same deployments, executed by a long-running process (no worker runs
-    here, so only the served process can pick the run up)."""
-    out = tmp_path_factory.mktemp("served-out")
-    log = open(server["home"] / "serve.log", "wb")
+    from here on, so only the served process can pick a run up). Its first run is the nightly
+    deployment's second night, created as the schedule creates one."""
+    log_path = server["home"] / "serve.log"
     serve = subprocess.Popen([sys.executable, "deployments/serve.py"], env=server["env"],
-                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             cwd=ROOT, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
                              start_new_session=True)
     client = server["client"]
     try:
         deadline = time.monotonic() + 120
-        served = server["home"] / "serve.log"
-        while "being served" not in served.read_text() and time.monotonic() < deadline:
-            assert serve.poll() is None, served.read_text()[-3000:]
-            time.sleep(1)
+        while "being served" not in log_path.read_text() and time.monotonic() < deadline:
+            assert serve.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
         while True:  # serving re-registers the deployments and their schedules
             nightly = client.get("/deployments/name/detect-objects/nightly").json()
             crons = [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]]
             if crons == [("0 2 * * *", True)] or time.monotonic() > deadline:
                 break
-            time.sleep(1)
-        assert crons == [("0 2 * * *", True)], nightly["schedules"]
-        on_demand = client.get("/deployments/name/detect-objects/on-demand").json()
-        response = _create_run(server, on_demand["id"],
-                               _params(out, "served", small_weights, limit=1, sample_size=1))
+            time.sleep(0.5)
+        response = _create_run(server, nightly["id"],
+                               _params(worker_run["out"], "second-night", small_weights))
         assert response.status_code == 201, response.text
         run = _wait_terminal(server, response.json()["id"], serve, timeout=480)
-        assert run["state_type"] == "COMPLETED", served.read_text()[-4000:]
-        # Cancel from the UI: the served process stops the run, and its Ray, and goes on serving.
-        cancelled, seconds = _cancel_mid_detect(
-            server, on_demand["id"],
-            _params(out, "served-cancel", small_weights, input_uri=str(many_photos),
-                    shard_size=8),
-            out / "served-cancel" / "_staging" / "detections", serve, served)
-        print(f"\nserve: Cancel → Cancelled in {seconds:.1f} s")
-        _assert_cancelled_and_stopped(server, cancelled, seconds,
-                                      {serve.pid} | server_pid(server), served)
-        assert serve.poll() is None
+        yield {"proc": serve, "log": log_path, "crons": crons, "second_night": run}
     finally:
         _stop(serve)
-    assert json.loads((out / "served" / "manifest.json").read_text())["counts"]["images"] == 1
+
+
+def test_the_next_night_detects_only_what_is_new(served, worker_run, sample_dir):
+    """The nightly deployment runs incrementally: the second night (run by the served process)
+    finds every photo in the table the first night filled, detects none, and still publishes."""
+    assert served["second_night"]["state_type"] == "COMPLETED", \
+        served["log"].read_text()[-4000:]
+    first = json.loads((worker_run["run_dir"] / "manifest.json").read_text())
+    assert first["parameters"]["incremental"] is True  # from prefect.yaml, not from the test
+    assert first["incremental"]["inferred"] == len(list(sample_dir.glob("*.jpg")))
+    second = json.loads((worker_run["out"] / "second-night" / "manifest.json").read_text())
+    assert second["incremental"]["inferred"] == 0 and second["counts"]["images"] == 0
+    assert second["incremental"]["skipped"] == first["incremental"]["inferred"]
+    assert second["incremental"]["runs"] == {"from-deployment": first["counts"]["images"]}
+    latest = json.loads((worker_run["out"] / "latest.json").read_text())
+    assert latest["run_id"] == "second-night"
+
+
+@pytest.mark.slow
+def test_served_deployments_keep_the_schedule_and_stop_a_cancelled_run(server, served,
+                                                                       small_weights,
+                                                                       tmp_path_factory,
+                                                                       many_photos):
+    """``make serve`` registers the nightly schedule, and a Cancel from the UI stops the served
+    run, and its Ray, while the process goes on serving."""
+    assert served["crons"] == [("0 2 * * *", True)]
+    out = tmp_path_factory.mktemp("served-out")
+    on_demand = server["client"].get("/deployments/name/detect-objects/on-demand").json()
+    cancelled, seconds = _cancel_mid_detect(
+        server, on_demand["id"],
+        _params(out, "served-cancel", small_weights, input_uri=str(many_photos), shard_size=8),
+        out / "served-cancel" / "_staging" / "detections", served["proc"], served["log"])
+    print(f"\nserve: Cancel → Cancelled in {seconds:.1f} s")
+    _assert_cancelled_and_stopped(server, cancelled, seconds,
+                                  {served["proc"].pid} | server_pid(server), served["log"])
+    assert served["proc"].poll() is None
+    assert not (out / "served-cancel" / "manifest.json").exists()
