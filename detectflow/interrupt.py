@@ -43,12 +43,17 @@ _noted: list[int] = []
 
 
 def _handler(signum: int, frame: object) -> None:
-    _received.append(signum)
-    if len(_received) > 1:  # asked twice: stop now
+    _arm(signum, _received)
+    raise Interrupted(signum)
+
+
+def _arm(signum: int, seen: list[int]) -> None:
+    """Note a stop and start its deadline; asked twice, stop now."""
+    if seen:
         _stop_now(signum)
+    seen.append(signum)
     threading.Thread(target=_deadline, args=(signum,), daemon=True,
                      name="detectflow-deadline").start()
-    raise Interrupted(signum)
 
 
 def _deadline(signum: int) -> None:
@@ -101,18 +106,14 @@ def noted_in_flow() -> Iterator[None]:
     ``PydanticSerializationError``, and the run would end Failed. Noted here, the stop leaves
     as itself again; so does a Ctrl-C, which our handler took. A worker's or ``serve``'s run is
     left alone: Prefect acknowledges a UI cancel only while its own handler is in place."""
-    flows_own = signal.getsignal(signal.SIGTERM) if _is_main_thread() else None
     ours = _is_main_thread() and signal.getsignal(signal.SIGINT) is _handler
-    if not ours or not callable(flows_own):
+    flows_own = signal.getsignal(signal.SIGTERM) if ours else None
+    if not callable(flows_own):
         yield
         return
 
     def noting(signum: int, frame: object) -> None:
-        if _noted:  # asked twice: stop now, as ours does
-            _stop_now(signum)
-        _noted.append(signum)
-        threading.Thread(target=_deadline, args=(signum,), daemon=True,
-                         name="detectflow-deadline").start()
+        _arm(signum, _noted)
         flows_own(signum, frame)
 
     signal.signal(signal.SIGTERM, noting)
