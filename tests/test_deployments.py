@@ -82,7 +82,10 @@ def server(tmp_path_factory):
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = RetryingClient(base_url=api, timeout=30, trust_env=False)
+    # Connections idle for 1 s are not reused: the server (uvicorn) closes them at 5 s, and a
+    # request sent on one as it closes fails with "Server disconnected" (seen in CI).
+    client = RetryingClient(base_url=api, timeout=30, trust_env=False,
+                            limits=httpx.Limits(keepalive_expiry=1))
     try:
         deadline = time.monotonic() + 180
         while True:
