@@ -17,13 +17,13 @@ from detectflow.errors import ConfigError
 from detectflow.models import COCO_CATEGORIES, ResolvedWeights, is_factory
 
 BACKGROUND = "__background__"
+UNUSED = "N/A"  # a gap in a label table (COCO's ids run to 90 for 80 classes)
 
 
 def label_table(names: list[str]) -> list[str]:
     """Names of labels 0, 1, ...: ``names`` for labels 1, 2, ..., after background (given or
     not)."""
     return names if names[:1] == [BACKGROUND] else [BACKGROUND, *names]
-UNUSED = "N/A"  # a gap in a label table (COCO's ids run to 90 for 80 classes)
 
 
 @dataclass(frozen=True)

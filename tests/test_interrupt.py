@@ -52,4 +52,3 @@ def test_a_signal_wrapped_by_a_library_in_the_flow_still_stops_the_run(signum, p
     with get_client(sync_client=True) as client:
         run = client.read_flow_runs(sort="EXPECTED_START_TIME_DESC", limit=1)[0]
     assert run.state.type.value == "CRASHED"  # the stop shows as a stop, as anywhere else
-

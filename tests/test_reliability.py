@@ -279,7 +279,7 @@ def _descendants(pid: int) -> list[int]:
 
 class CrashingRun:
     """`detectflow run` in its own session, frozen at a failpoint, then SIGKILLed with every
-    process it started (its Ray cluster and Prefect server included)."""
+    process it started (its local Ray included)."""
 
     def __init__(self, tmp_path: Path, args: list[str], failpoint: str, api: str) -> None:
         # Reporting to the test's Prefect API, as with a server: the run's own temporary server
