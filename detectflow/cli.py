@@ -238,6 +238,12 @@ def run(args: argparse.Namespace) -> int:
             from detectflow.preflight import model_spec, preflight
 
             storage.configure(cfg.s3_endpoint_url)
+            # Default weights are found through torchvision's model registry (given ones are
+            # checked in a subprocess, and this process never needs torch).
+            if not cfg.weights and workarounds.applies("torchvision_import"):
+                from detectflow.workarounds.torchvision_import import import_torchvision
+
+                import_torchvision()
             # Seconds, not minutes, to learn that weights, input or output are unusable; the
             # weights' check goes on while Prefect is imported, and is waited for before Ray.
             weights = preflight(cfg, wait=False)

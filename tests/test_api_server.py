@@ -102,6 +102,18 @@ def test_a_server_that_cannot_start_fails_with_its_own_last_line(monkeypatch):
         server.stop()
 
 
+def test_stopped_while_starting_it_exits_at_once_and_never_opens_a_database(tmp_path,
+                                                                            monkeypatch):
+    """A run that fails fast stops a server still importing Prefect: it must not finish its
+    start (migrating the database) first."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    server = TemporaryApiServer()
+    server.stop()
+    # Its own exit: uvicorn's stop on SIGTERM, after a finished start, re-raises the signal.
+    assert server.process.returncode == 0
+    assert not (tmp_path / "home").exists()
+
+
 def test_stops_when_the_run_that_started_it_is_killed(tmp_path):
     """A run killed with SIGKILL (no atexit hook runs) leaves no server behind: it reads its
     lifeline until the run is gone, then stops as on SIGTERM."""

@@ -53,7 +53,7 @@ def rows(corpus, ray_local, prefect_api, small_weights, tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus-out")
     state = detect_objects(input_uri=str(corpus), output_uri=str(out), model=SMALL,
                            weights=str(small_weights), score_threshold=0.3, run_id="corpus",
-                           max_failure_fraction=0.5, return_state=True)
+                           max_failure_fraction=0.5, num_actors=1, return_state=True)
     assert state.is_completed(), state.message
     manifest = json.loads((out / "corpus" / "manifest.json").read_text())
     table = pq.read_table(out / "corpus" / "detections" / "part-00000.parquet")
@@ -98,7 +98,7 @@ def test_too_many_failures_mark_the_run_failed_after_writing(corpus, ray_local, 
                                                              small_weights, tmp_path):
     state = detect_objects(input_uri=str(corpus), output_uri=str(tmp_path), model=SMALL,
                            weights=str(small_weights), run_id="strict", limit=4,
-                           return_state=True)
+                           num_actors=1, return_state=True)
     assert state.is_failed()
     assert "3 of 4 images failed" in state.message and "max_failure_fraction=0.1" in state.message
     assert (tmp_path / "strict" / "manifest.json").exists()  # outputs written, then flagged
@@ -123,7 +123,7 @@ def test_a_full_disk_fails_the_run_in_one_line_naming_the_stage_and_path(
         full_disk, sample_dir, ray_local, prefect_api, small_weights):
     state = detect_objects(input_uri=str(sample_dir), output_uri=str(full_disk / "out"),
                            model=SMALL, weights=str(small_weights), run_id="full",
-                           return_state=True)
+                           num_actors=1, return_state=True)
     assert state.is_failed()
     # The listing and the staged detections fit; the drawn samples do not.
     assert re.fullmatch(
@@ -138,7 +138,7 @@ def test_a_read_only_output_is_refused_before_anything_runs(full_disk, sample_di
     subprocess.run(["mount", "-o", "remount,ro", str(full_disk)], check=True)
     state = detect_objects(input_uri=str(sample_dir), output_uri=str(full_disk / "out"),
                            model=SMALL, weights=str(small_weights), run_id="ro",
-                           return_state=True)
+                           num_actors=1, return_state=True)
     assert state.is_failed()
     assert state.message == (f"OutputError: cannot write to {full_disk}/out: {full_disk} is not "
                              "a writable folder")

@@ -337,7 +337,7 @@ def test_same_detections_as_on_a_local_ray(cluster_run, fs, s3, ray_local, prefe
     state = detect_objects(input_uri="s3://detectflow-in/photos",
                            output_uri="s3://detectflow-out/cluster", model=MODEL, weights=WEIGHTS,
                            score_threshold=0.3, s3_endpoint_url=s3, run_id="on-local",
-                           return_state=True)
+                           num_actors=1, return_state=True)
     assert state.is_completed(), state.message
     local = json.loads(fs.cat_file("detectflow-out/cluster/on-local/manifest.json"))
     assert local["resources"]["nodes"] == 1

@@ -91,7 +91,7 @@ def odd_run(ray_local, prefect_api, sample_dir, small_weights, tmp_path_factory)
     out = inp.parent / "out"
     state = detect_objects(input_uri=str(inp), output_uri=str(out), model=SMALL,
                            weights=str(small_weights), score_threshold=0.3, run_id="odd",
-                           sample_size=len(NAMES), return_state=True)
+                           sample_size=len(NAMES), num_actors=1, return_state=True)
     assert state.is_completed(), state.message
     return {"root": root, "dir": out / "odd", "result": state.result()}
 

@@ -171,7 +171,7 @@ def test_a_run_never_lists_the_samples_an_earlier_run_drew_inside_its_input(
     for run_id, output in (("first", results), ("second", photos / "other")):
         state = detect_objects(input_uri=str(photos), output_uri=str(output), model=SMALL,
                                weights=str(small_weights), run_id=run_id, sample_size=2,
-                               return_state=True)
+                               num_actors=1, return_state=True)
         assert state.is_completed(), state.message
     assert len(list((results / "first" / "samples").glob("*.png"))) == 2
     manifest, tables = _read_table(photos / "other" / "second")

@@ -42,7 +42,7 @@ def _run(inp, out, run_id, weights=WEIGHTS, **params):
     state = detect_objects(input_uri=str(inp), output_uri=str(out), model=SHAPES,
                            weights=str(weights), incremental=True, score_threshold=0.3,
                            batch_size=4, sample_size=1, run_id=run_id, return_state=True,
-                           **params)
+                           **({"num_actors": 1} | params))  # one actor: as test_reliability
     assert state.is_completed(), state.message
     return state.result()
 
@@ -164,7 +164,8 @@ def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
         ray_local, prefect_api, images, tmp_path):
     inp, out = images / "in", tmp_path / "out"
     args = ["--input", str(inp), "--output", str(out), "--model", SHAPES, "--weights",
-            str(WEIGHTS), "--incremental", "--score-threshold", "0.3", "--run-id", "killed"]
+            str(WEIGHTS), "--incremental", "--score-threshold", "0.3", "--run-id", "killed",
+            "--num-actors", "1"]
     run = CrashingRun(tmp_path, args, "before-merge", prefect_api)
     run.wait_for_failpoint()
     run.kill()
@@ -204,7 +205,7 @@ def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, i
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",
              "--output", "s3://nightly/detections", "--model", SHAPES, "--weights", str(WEIGHTS),
-             "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}",
+             "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}", "--num-actors", "1",
              "--s3-endpoint-url", url], cwd=REPO_ROOT, env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 400

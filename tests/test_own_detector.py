@@ -60,7 +60,7 @@ def _run(held_out, out, run_id, **params):
     return detect_objects(
         input_uri=str(held_out["images"]), output_uri=str(out), model=SHAPES, weights=WEIGHTS,
         ground_truth=str(held_out["gt"]), score_threshold=THRESHOLD, batch_size=4,
-        run_id=run_id, return_state=True, **params)
+        run_id=run_id, return_state=True, **({"num_actors": 1} | params))
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,11 @@ def many_photos(tmp_path_factory, sample_dir) -> Path:
 
 
 def _params(input_uri, output_uri, weights, run_id, **extra) -> dict:
+    # One inference actor: what these tests check does not depend on the pool's size, and each
+    # actor's start is a share of the suite's CPU (benchmarks/RESULTS.md, "Test suite").
     return dict(input_uri=str(input_uri), output_uri=str(output_uri), model=SMALL,
-                weights=str(weights), score_threshold=0.3, run_id=run_id, **extra)
+                weights=str(weights), score_threshold=0.3, run_id=run_id,
+                **({"num_actors": 1} | extra))
 
 
 def _published(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -120,8 +123,10 @@ def killed_actor_run(many_photos, ray_local, prefect_api, small_weights, tmp_pat
     killer = threading.Thread(target=kill_once_shards_are_staged, daemon=True)
     killer.start()
     try:
+        # The default pool: the other actor goes on while Ray Data restarts the killed one.
         state = detect_objects(**_params(many_photos, out, small_weights, "killed-actor",
-                                         shard_size=4, batch_size=2), return_state=True)
+                                         shard_size=4, batch_size=2, num_actors=None),
+                               return_state=True)
     finally:
         done.set()
         killer.join(10)
@@ -327,7 +332,7 @@ def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once
     out, run_dir = tmp_path / "out", tmp_path / "out" / "crash"
     run = CrashingRun(tmp_path, ["--input", str(sample_dir), "--output", str(out), "--model",
                                  SMALL, "--weights", str(small_weights), "--score-threshold",
-                                 "0.3", "--shard-size", "2", "--run-id", "crash"],
+                                 "0.3", "--shard-size", "2", "--run-id", "crash", "--num-actors", "1"],
                       "before-manifest", prefect_api)
     run.wait_for_failpoint()
     run.kill()
@@ -357,7 +362,8 @@ def test_resume_reuses_verified_shards_and_infers_only_the_rest(tmp_path, photos
     out, run_dir = tmp_path / "out", tmp_path / "out" / "resume"
     run = CrashingRun(tmp_path, ["--input", str(photos), "--output", str(out), "--model", SMALL,
                                  "--weights", str(small_weights), "--score-threshold", "0.3",
-                                 "--shard-size", "2", "--batch-size", "1", "--run-id", "resume"],
+                                 "--shard-size", "2", "--batch-size", "1", "--run-id", "resume",
+                                 "--num-actors", "1"],
                       "after-shards:3", prefect_api)
     run.wait_for_failpoint()
     run.kill()

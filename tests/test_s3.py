@@ -35,7 +35,7 @@ def s3_run(s3, ray_local, prefect_api, small_weights):
     state = detect_objects(
         input_uri="s3://detectflow-in/photos", output_uri="s3://detectflow-out/runs",
         model=SMALL, weights="s3://detectflow-in/weights/small.pth", score_threshold=0.3,
-        run_id="s3-run", s3_endpoint_url=s3, return_state=True,
+        run_id="s3-run", s3_endpoint_url=s3, num_actors=1, return_state=True,
     )
     assert state.is_completed(), state.message
     return {"fs": fs, "state": state, "result": state.result()}

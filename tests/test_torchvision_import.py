@@ -89,3 +89,17 @@ def test_an_earlier_plain_import_is_kept(first):
                           "tv": "torchvision" in sys.modules}}))
     """)
     assert out == {"kept": True, "tv": True}
+
+
+def test_detectflow_run_finds_default_weights_without_loading_dynamo(tmp_path):
+    """The CLI resolves default weights through torchvision's registry, imported the fast way;
+    here the weights are missing, so the run ends at that check."""
+    out = run_fresh(f"""
+        import json, sys
+        from detectflow import cli
+        code = cli.main(["run", "--output", {str(tmp_path / "out")!r}])
+        print(json.dumps({{"code": code, "tv": "torchvision.models" in sys.modules,
+                          "dynamo": "torch._dynamo" in sys.modules}}))
+    """, PREFECT_HOME=str(tmp_path / "home"), TORCH_HOME=str(tmp_path / "torch"),
+        https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    assert out == {"code": 2, "tv": True, "dynamo": False}

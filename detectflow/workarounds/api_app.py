@@ -21,15 +21,26 @@ def create_app():
     with collection_paused():
         from prefect.server.api.server import create_app as prefect_create_app
 
-        return prefect_create_app()
+        app = prefect_create_app()
+    _built.set()
+    return app
+
+
+# Set once the app is built. Until then nothing is open (the database is opened by the app's
+# lifespan, after this): a stop may end the process at once.
+_built = threading.Event()
 
 
 def _stop_when_orphaned(fd: int) -> None:
-    """Block until the pipe's write end is closed (its process ended, however it ended), then
-    stop as uvicorn stops on SIGTERM: in-flight requests finish, the database is closed."""
+    """Block until the pipe's write end is closed (its process ended, however it ended, or it
+    stopped the server), then stop as uvicorn stops on SIGTERM: in-flight requests finish, the
+    database is closed. Before the app is built, exit at once: uvicorn would otherwise finish
+    starting first (a doomed run's one-line error then waited seconds for it)."""
     try:
         while os.read(fd, 1):
             pass
     except OSError:
         pass
+    if not _built.is_set():
+        os._exit(0)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -110,14 +110,15 @@ class TemporaryApiServer:
         return lines[-1][:300] if lines else "no output"
 
     def stop(self) -> None:
+        """Stop the server through its lifeline (``api_app``): at once while it is still
+        starting, else as on SIGTERM."""
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
         if self.process.poll() is None:
-            self.process.terminate()
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._lifeline is not None:  # only now: its end would send a second SIGTERM
-            os.close(self._lifeline)
-            self._lifeline = None
         self._log.close()
