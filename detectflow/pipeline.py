@@ -106,27 +106,36 @@ def _pool_bounds(cfg: RunConfig, default: int) -> tuple[int, int]:
     return low, cfg.max_actors
 
 
-def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) -> ResourcePlan:
+def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1,
+                   images: int | None = None) -> ResourcePlan:
     """Pure: size the actor pool and decoding to the cluster found at run time.
 
     GPU actors (one per ``gpus_per_actor`` of the cluster's GPUs, unless a pool size is given)
     when the cluster has GPUs, else CPU actors: on one machine one per core (up to
-    ``MAX_AUTO_CPU_ACTORS``), on a multi-node CPU cluster 1 by default. Decoding gets the CPUs
-    the actors leave; it must get at least ``decode_cpus``, or the pipeline could never make
-    progress.
+    ``MAX_AUTO_CPU_ACTORS``), on a multi-node CPU cluster 1 by default. A pool sized
+    automatically has no more actors than ``images`` (those to infer) make batches: each one
+    loads a model. Decoding gets the CPUs the actors leave; it must get at least
+    ``decode_cpus``, or the pipeline could never make progress.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if cfg.device == "cuda" and gpus == 0:
         raise ConfigError("device=cuda was requested but the Ray cluster has no GPU")
-    if cfg.device != "cpu" and gpus > 0 and cfg.gpus_per_actor > 0:
-        low, high = _pool_bounds(cfg, max(1, int(gpus // cfg.gpus_per_actor)))
+    gpu = cfg.device != "cpu" and gpus > 0 and cfg.gpus_per_actor > 0
+    batch_size = cfg.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
+    batches = -(-images // batch_size) if images else None
+
+    def auto(size: int) -> int:
+        return max(1, min(size, batches or size))
+
+    if gpu:
+        low, high = _pool_bounds(cfg, auto(int(gpus // cfg.gpus_per_actor)))
         device, gpus_per_actor, cpus_per_actor = "cuda", cfg.gpus_per_actor, 1.0
     elif cfg.cpus_per_actor is None and cfg.num_actors is None and cfg.max_actors is None \
             and nodes == 1 and cpus > cfg.decode_cpus:
         # One machine, no GPU: small single-threaded models side by side beat one model with
         # every thread (torch's intra-op threads scale poorly; benchmarks/RESULTS.md). Together
         # the actors reserve what decoding leaves, so they never oversubscribe the cores.
-        low = high = max(1, min(int(cpus), MAX_AUTO_CPU_ACTORS))
+        low = high = auto(min(int(cpus), MAX_AUTO_CPU_ACTORS))
         device, gpus_per_actor, cpus_per_actor = "cpu", 0.0, (cpus - cfg.decode_cpus) / low
     else:
         low, high = _pool_bounds(cfg, 1)
@@ -140,7 +149,7 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1) ->
         )
     return ResourcePlan(
         device, low, gpus_per_actor, cpus_per_actor, cfg.decode_cpus,
-        cfg.batch_size or (GPU_BATCH if device == "cuda" else CPU_BATCH), cpus, gpus,
+        batch_size, cpus, gpus,
         nodes=nodes, max_actors=high, decode_tasks=int(left // cfg.decode_cpus),
         object_store_bytes=object_store_budget(cfg, high, cluster.get("object_store_memory")),
         gpu_decode=cfg.gpu_decode and device == "cuda",

@@ -25,7 +25,7 @@ def detect(cfg: RunConfig, listing: Listing, spec: ModelSpec) -> DetectStats:
     if not listing.to_detect:  # an incremental run with nothing new: no actors start
         logger.info("nothing to detect: every listed image is already in the table")
         return DetectStats()
-    plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes())
+    plan = plan_resources(cfg, ray.cluster_resources(), alive_nodes(), listing.to_detect)
     logger.info("resource plan: %s", plan.describe())
     artifact_id = create_progress_artifact(
         progress=0.0, key="detect-progress", description="Images detected (%)"

@@ -244,6 +244,20 @@ def test_resource_plan_uses_gpus_when_present_else_cpu_actors():
         plan_resources(RunConfig(num_actors=4), {"CPU": 2})
 
 
+def test_an_automatic_pool_has_no_more_actors_than_the_images_make_batches():
+    one = plan_resources(RunConfig(), {"CPU": 8}, images=1)
+    assert (one.num_actors, one.max_actors, one.cpus_per_actor) == (1, 1, 7.0)
+    assert plan_resources(RunConfig(), {"CPU": 8}, images=9).num_actors == 3  # batches of 4
+    assert plan_resources(RunConfig(), {"CPU": 8}, images=1000).num_actors == 8
+    assert plan_resources(RunConfig(batch_size=1), {"CPU": 8}, images=5).num_actors == 5
+    gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 8}, images=20)  # batches of 16
+    assert (gpu.device, gpu.num_actors, gpu.max_actors) == ("cuda", 2, 2)
+    # A pool the user sized is kept.
+    assert plan_resources(RunConfig(num_actors=3), {"CPU": 8}, images=1).num_actors == 3
+    elastic = plan_resources(RunConfig(max_actors=6), {"CPU": 16, "GPU": 8}, images=1)
+    assert (elastic.num_actors, elastic.max_actors) == (1, 6)
+
+
 def test_object_store_budget_scales_with_the_pool_and_never_takes_half_the_store():
     mib = 1 << 20
     assert object_store_budget(RunConfig(), 1, 8 << 30) == 256 * mib

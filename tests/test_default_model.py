@@ -1,6 +1,7 @@
 """The default model (fasterrcnn_resnet50_fpn_v2, ~6 s per image on CPU) through the whole flow,
 on one image, with parity against a direct call. Calibrated on that one photo to stay fast."""
 
+import json
 import shutil
 
 import pyarrow.parquet as pq
@@ -32,6 +33,9 @@ def test_default_model_runs_end_to_end_with_parity(ray_local, prefect_api, defau
     assert state.is_completed(), state.message
     row = pq.read_table(tmp_path / "default-model" / "detections" / "part-00000.parquet").to_pylist()[0]
     assert row["model"] == DEFAULT_MODEL and row["error"] is None
+    # One image, one batch: one model loaded, with the cores the second actor would have had.
+    plan = json.loads((tmp_path / "default-model" / "manifest.json").read_text())["resources"]
+    assert (plan["num_actors"], plan["cpus_per_actor"]) == (1, 1.0)
 
     direct = models.load_model(DEFAULT_MODEL, models.resolve_weights(DEFAULT_MODEL, str(weights)),
                                score_threshold=0.3)
