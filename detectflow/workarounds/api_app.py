@@ -10,11 +10,14 @@ import threading
 from detectflow.gcpause import collection_paused
 
 LIFELINE_ENV = "DETECTFLOW_API_LIFELINE_FD"  # set by ``workarounds.api_server.TemporaryApiServer``
+# Set once the app is built. Until then nothing is open (the database is opened by the app's
+# lifespan, after this): a stop may end the process at once.
+_built = threading.Event()
 
 
 def create_app():
     """``prefect.server.api.server.create_app``; its imports and build run without cyclic
-    garbage collection (``gcpause``): 0.3-0.5 CPU-s less of a start-up that competes with ours."""
+    garbage collection (``gcpause``): less CPU for a start-up that competes with ours."""
     if (fd := os.environ.pop(LIFELINE_ENV, None)) is not None:
         threading.Thread(target=_stop_when_orphaned, args=(int(fd),), daemon=True,
                          name="detectflow-lifeline").start()
@@ -24,11 +27,6 @@ def create_app():
         app = prefect_create_app()
     _built.set()
     return app
-
-
-# Set once the app is built. Until then nothing is open (the database is opened by the app's
-# lifespan, after this): a stop may end the process at once.
-_built = threading.Event()
 
 
 def _stop_when_orphaned(fd: int) -> None:
