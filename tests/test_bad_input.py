@@ -138,7 +138,7 @@ def test_a_read_only_output_is_refused_before_anything_runs(full_disk, sample_di
     subprocess.run(["mount", "-o", "remount,ro", str(full_disk)], check=True)
     state = detect_objects(input_uri=str(sample_dir), output_uri=str(full_disk / "out"),
                            model=SMALL, weights=str(small_weights), run_id="ro",
-                           num_actors=1, return_state=True)
+                           return_state=True)
     assert state.is_failed()
     assert state.message == (f"OutputError: cannot write to {full_disk}/out: {full_disk} is not "
                              "a writable folder")

@@ -391,7 +391,8 @@ def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, small_weig
     try:
         run, seconds = _cancel_mid_detect(
             server, deployed["on-demand"]["id"],
-            _params(out, "cancel-me", small_weights, input_uri=str(many_photos), shard_size=8, num_actors=1),
+            _params(out, "cancel-me", small_weights, input_uri=str(many_photos), shard_size=8,
+                    num_actors=1),
             out / "cancel-me" / "_staging" / "detections", worker, log_path)
         print(f"\nworker: Cancel → Cancelled in {seconds:.1f} s")
         _assert_cancelled_and_stopped(server, run, seconds, {worker.pid} | server_pid(server),
@@ -431,7 +432,8 @@ def served(server, deployed, worker_run, small_weights):
                 break
             time.sleep(0.5)
         response = _create_run(server, nightly["id"],
-                               _params(worker_run["out"], "second-night", small_weights, num_actors=1))
+                               _params(worker_run["out"], "second-night", small_weights,
+                                       num_actors=1))
         assert response.status_code == 201, response.text
         run = _wait_terminal(server, response.json()["id"], serve, timeout=480)
         yield {"proc": serve, "log": log_path, "crons": crons, "second_night": run}
@@ -467,7 +469,8 @@ def test_served_deployments_keep_the_schedule_and_stop_a_cancelled_run(server, s
     on_demand = server["client"].get("/deployments/name/detect-objects/on-demand").json()
     cancelled, seconds = _cancel_mid_detect(
         server, on_demand["id"],
-        _params(out, "served-cancel", small_weights, input_uri=str(many_photos), shard_size=8, num_actors=1),
+        _params(out, "served-cancel", small_weights, input_uri=str(many_photos), shard_size=8,
+                num_actors=1),
         out / "served-cancel" / "_staging" / "detections", served["proc"], served["log"])
     print(f"\nserve: Cancel → Cancelled in {seconds:.1f} s")
     _assert_cancelled_and_stopped(server, cancelled, seconds,

@@ -205,8 +205,8 @@ def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, i
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",
              "--output", "s3://nightly/detections", "--model", SHAPES, "--weights", str(WEIGHTS),
-             "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}", "--num-actors", "1",
-             "--s3-endpoint-url", url], cwd=REPO_ROOT, env=env, stdout=log,
+             "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}",
+             "--num-actors", "1", "--s3-endpoint-url", url], cwd=REPO_ROOT, env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 400
     for proc in procs:

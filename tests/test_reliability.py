@@ -332,7 +332,8 @@ def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once
     out, run_dir = tmp_path / "out", tmp_path / "out" / "crash"
     run = CrashingRun(tmp_path, ["--input", str(sample_dir), "--output", str(out), "--model",
                                  SMALL, "--weights", str(small_weights), "--score-threshold",
-                                 "0.3", "--shard-size", "2", "--run-id", "crash", "--num-actors", "1"],
+                                 "0.3", "--shard-size", "2", "--run-id", "crash",
+                                 "--num-actors", "1"],
                       "before-manifest", prefect_api)
     run.wait_for_failpoint()
     run.kill()
