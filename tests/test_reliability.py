@@ -169,7 +169,7 @@ def test_two_run_ids_in_one_prefix_never_touch_each_others_files(killed_actor_ru
     assert {r["run_id"] for r in rows} == {"second-run"} and len(rows) == 5
 
 
-# --- a transient S3 outage ---------------------------------------------------------------------
+# --- a transient S3 outage, and a killed actor through the command ------------------------------
 
 
 def _attempts_of_one_write(endpoint: str) -> int:
@@ -184,44 +184,20 @@ def _attempts_of_one_write(endpoint: str) -> int:
     return len(proxy.refused)
 
 
-@pytest.mark.slow
-def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(s3, ray_local, prefect_api,
-                                                                  small_weights):
-    # Refuse exactly as many requests as one write makes on its own (the S3 client retries
-    # internally): the first attempt of list_images fails, and only Prefect's task retry recovers.
-    attempts = _attempts_of_one_write(s3)
-    assert attempts > 1
-    with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
-        # No table: delta-rs's requests stall in this test proxy (not in S3 or moto itself).
-        state = detect_objects(**_params("s3://detectflow-in/photos", "s3://detectflow-out/flaky",
-                                         small_weights, "transient-io"),
-                               s3_endpoint_url=proxy.url, table=False, return_state=True)
-    assert state.is_completed(), state.message
-    assert len(proxy.refused) == attempts and proxy.passed  # refused, then let through
-    with get_client(sync_client=True) as client:
-        task_runs = completed_task_runs(client, state.state_details.flow_run_id, 6)
-    runs = {t.name.rsplit("-", 1)[0]: t for t in task_runs}
-    assert runs["list_images"].run_count == 2 and runs["list_images"].state.is_completed()
-    assert all(t.state.is_completed() for t in task_runs)
-    fs = s3fs.S3FileSystem(endpoint_url=s3)
-    manifest = json.loads(fs.cat_file("detectflow-out/flaky/transient-io/manifest.json"))
-    assert manifest["counts"]["images"] == 5 and manifest["output"]["rows"] == 5
-
-
-@pytest.mark.slow
-def test_the_terminal_shows_no_traceback_for_an_outage_and_a_killed_actor(s3, sample_dir,
-                                                                         small_weights, tmp_path,
-                                                                         prefect_api):
-    """Both README rows as a user meets them, through `detectflow run`: S3 refuses the listing's
-    writes for a while and an inference actor is SIGKILLed mid-run; the run completes and the
-    terminal shows Ray's and Prefect's one-line notes, never a Python traceback."""
+@pytest.fixture(scope="module")
+def faulty_run(s3, sample_dir, small_weights, tmp_path_factory, prefect_api):
+    """`detectflow run` from and to S3, reporting to the test's Prefect API: S3 refuses the
+    listing's writes as often as one write retries on its own (so only Prefect's task retry
+    recovers), and an inference actor is SIGKILLed once shards are staged."""
     fs = s3fs.S3FileSystem(endpoint_url=s3)
     originals = sorted(sample_dir.glob("*.jpg"))
     for i in range(MANY):
         fs.put_file(str(originals[i % len(originals)]), f"detectflow-in/terminal/photo-{i:02d}.jpg")
     attempts = _attempts_of_one_write(s3)
+    assert attempts > 1
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=prefect_api)
+    env.update(PREFECT_HOME=str(tmp_path_factory.mktemp("terminal") / "prefect-home"),
+               PREFECT_API_URL=prefect_api)
     staged = "detectflow-out/terminal/terminal/_staging/detections/shard-*.parquet"
     with FlakyS3(s3, "PUT", "/_staging/listing/", failures=attempts) as proxy:
         proc = subprocess.Popen(
@@ -240,11 +216,32 @@ def test_the_terminal_shows_no_traceback_for_an_outage_and_a_killed_actor(s3, sa
             time.sleep(0.05)
         stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
-    assert killed, "the inference actor was never seen alive mid-run"
-    assert len(proxy.refused) == attempts
-    assert "Traceback" not in stdout + stderr, (stdout + stderr)[-4000:]
-    manifest = json.loads(fs.cat_file("detectflow-out/terminal/terminal/manifest.json"))
+    with get_client(sync_client=True) as client:
+        (flow_run,) = [r for r in client.read_flow_runs()
+                       if r.parameters.get("run_id") == "terminal"]
+        task_runs = completed_task_runs(client, flow_run.id, 7)
+    return {"stdout": stdout, "stderr": stderr, "killed": killed, "attempts": attempts,
+            "refused": list(proxy.refused), "passed": list(proxy.passed), "task_runs": task_runs,
+            "manifest": json.loads(fs.cat_file("detectflow-out/terminal/terminal/manifest.json"))}
+
+
+@pytest.mark.slow
+def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(faulty_run):
+    assert len(faulty_run["refused"]) == faulty_run["attempts"] and faulty_run["passed"]
+    runs = {t.name.rsplit("-", 1)[0]: t for t in faulty_run["task_runs"]}
+    assert runs["list_images"].run_count == 2 and runs["list_images"].state.is_completed()
+    assert all(t.state.is_completed() for t in faulty_run["task_runs"])
+    manifest = faulty_run["manifest"]
     assert manifest["counts"]["images"] == manifest["output"]["rows"] == MANY
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_no_traceback_for_an_outage_and_a_killed_actor(faulty_run):
+    """Both README rows as a user meets them, through `detectflow run`: the run completes and
+    the terminal shows Ray's and Prefect's one-line notes, never a Python traceback."""
+    assert faulty_run["killed"], "the inference actor was never seen alive mid-run"
+    output = faulty_run["stdout"] + faulty_run["stderr"]
+    assert "Traceback" not in output, output[-4000:]
 
 
 def _kill_detector_of_session(sid: int) -> int | None:
