@@ -332,7 +332,9 @@ def _import_flow(server):
 
     from flows.detect_objects import detect_objects
 
-    if server is None or PREFECT_API_URL.value():
+    # The server's own URL may be in the environment meanwhile: the main thread puts it there
+    # while it starts a local Ray (``raycluster.connect``).
+    if server is None or PREFECT_API_URL.value() not in (None, "", server.url):
         if server is not None:
             server.stop()
         return detect_objects, None

@@ -127,5 +127,5 @@ def task_options(env: dict[str, str], num_cpus: float = 0) -> Iterator[None]:
 
 def task_runtime_env(env: dict[str, str]) -> dict[str, Any] | None:
     """The ``runtime_env`` our Prefect tasks add to the job's: ``env`` unless the job has it."""
-    job_env = ray.get_runtime_context().runtime_env.get("env_vars") or {}
+    job_env = raycluster.job_env()
     return None if all(job_env.get(k) == v for k, v in env.items()) else {"env_vars": env}

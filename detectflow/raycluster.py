@@ -7,10 +7,12 @@ so ``ray.init`` must stay in the thread that lives longest).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -32,6 +34,7 @@ LATER_MODULES = ("ray.data",)
 # One warmed worker: a second one measured slower on 2 cores (benchmarks/RESULTS.md, lever log).
 WARM_WORKERS = 1
 _warming: list[ray.ObjectRef] = []  # warm-up tasks not yet waited for (await_warm_workers)
+_started_with: dict[str, dict[str, str]] = {}  # session name -> env of a Ray ``connect`` started
 
 
 def existing_cluster_address(address: str | None) -> str | None:
@@ -87,14 +90,14 @@ def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
     process is connected already. Ray's context when it connected here (and so must disconnect),
     else None.
 
-    ``env`` becomes the job's ``runtime_env`` (every worker, and the Ray Data tasks and actors
-    started from them, inherit it), and one worker starts importing our code at once.
+    Every worker, and the Ray Data tasks and actors started from them, gets ``env``: on a
+    cluster as the job's ``runtime_env``, on a new local Ray as the environment its processes
+    start with (``job_env`` tells which). One worker starts importing our code at once.
     """
     if ray.is_initialized():
         return None
-    runtime_env: dict[str, Any] = {"env_vars": env}
     if existing := existing_cluster_address(address):
-        runtime_env |= code_runtime_env(ship_code, model)
+        runtime_env = {"env_vars": env} | code_runtime_env(ship_code, model)
         log.info("connecting to Ray at %s", existing)
         try:
             with keep_handlers():
@@ -111,12 +114,40 @@ def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
         # without its dashboard unless asked for (seconds of CPU at start-up on a small machine).
         # Its workers die with it, so tasks send their logs before returning where that
         # shortcut applies (workarounds.task_logs).
-        runtime_env["env_vars"] = env | {workarounds.FLUSH_LOGS: "1"}
-        with keep_handlers():
-            context = ray.init(address="local", runtime_env=runtime_env,
-                               namespace="detectflow", include_dashboard=dashboard)
+        # The environment, not a runtime_env: Ray starts one worker per CPU with its own
+        # environment, and those serve only jobs without env_vars of their own; otherwise they
+        # sit idle while cold ones start for the job (benchmarks/RESULTS.md, lever log).
+        local_env = env | {workarounds.FLUSH_LOGS: "1"}
+        with keep_handlers(), _environment(local_env):
+            context = ray.init(address="local", namespace="detectflow",
+                               include_dashboard=dashboard)
+        _started_with[ray.get_runtime_context().get_session_name()] = local_env
     warm_workers(WARM_WORKERS)
     return context
+
+
+def job_env() -> dict[str, str]:
+    """The environment variables every worker of the connected job has been given."""
+    context = ray.get_runtime_context()
+    if (env := _started_with.get(context.get_session_name())) is not None:
+        return dict(env)
+    return dict(context.runtime_env.get("env_vars") or {})
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` in this process's environment while Ray's processes are started (they inherit
+    it), and this process's own environment as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def shutdown() -> None:
@@ -127,6 +158,7 @@ def shutdown() -> None:
 
         stop_monitor()
     _warming.clear()
+    _started_with.clear()
     ray.shutdown()
 
 

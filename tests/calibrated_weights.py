@@ -80,9 +80,9 @@ def make_calibrated_state_dict(
         bn.train()
     # Full forward in eval mode with only the BN layers in train mode: this calibrates the
     # backbone and any BN inside the heads (SSDlite heads, Faster R-CNN v2 box head) alike.
-    floats = [img.float() / 255 for img in images]
-    for _ in range(3):
-        model(floats)
+    # One pass: in train mode a BN layer normalises with the batch's own statistics, so more
+    # passes over the same images only average the same numbers again.
+    model([img.float() / 255 for img in images])
     model.eval()
     if logit_scale is None:
         logit_scale = DEFAULT_LOGIT_SCALE[model_name]

@@ -32,16 +32,21 @@ def test_shutdown_stops_every_process_of_a_local_ray():
 
 
 def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
-    """Submitted while the warm-up still imports, it would start a cold worker instead."""
+    """Submitted while the warm-up still imports, it would start a cold worker instead. The
+    job's environment is the workers' own, so the workers Ray starts with a node (one per CPU)
+    serve it: no runtime_env of its own, and no worker beyond those."""
     out = run_fresh("""
         import json, os, ray
-        from detectflow import raycluster
-        raycluster.connect(None, {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+        from detectflow import orchestration, raycluster
+        env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+        before = os.environ.get("PREFECT_API_URL")
+        raycluster.connect(None, env)
         warmed = raycluster.await_warm_workers(timeout=120)
 
         @ray.remote(num_cpus=0)
         def pid():
-            return os.getpid()
+            return (os.getpid(), os.environ.get("PREFECT_API_URL"),
+                    ray.get_runtime_context().runtime_env)
 
         @ray.remote(num_cpus=0)
         def after_background_import():
@@ -54,12 +59,32 @@ def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
                     gc.get_freeze_count())
 
         first = ray.get(pid.remote())
-        print(json.dumps({"warmed": warmed, "first_task": first,
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        workers = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    name = f.read().split(b"\\0")[0].decode()
+            except (OSError, ValueError):
+                continue
+            if ppid == raylet and name.startswith("ray::") and not name.endswith("Agent"):
+                workers.append(int(entry))
+        print(json.dumps({"warmed": warmed, "first_task": first, "workers": workers,
+                          "cpus": ray.cluster_resources()["CPU"],
+                          "task_env": orchestration.task_runtime_env(env),
+                          "driver_env": [before, os.environ.get("PREFECT_API_URL")],
                           "later": ray.get(after_background_import.remote())}))
         raycluster.shutdown()
         """, timeout=180)
     assert len(out["warmed"]) == 1
-    assert out["first_task"] == out["warmed"][0]
+    first_pid, api_url, runtime_env = out["first_task"]
+    assert first_pid == out["warmed"][0]
+    assert api_url == "http://127.0.0.1:9/api" and runtime_env == {}
+    assert out["task_env"] is None  # our tasks add no runtime_env either
+    assert out["driver_env"][0] == out["driver_env"][1]  # this process's environment as it was
+    assert first_pid in out["workers"] and len(out["workers"]) <= out["cpus"], out
     later_pid, imported, collecting, frozen = out["later"]
     assert later_pid == out["warmed"][0]
     # ray.data, which only the detect task needs, was imported by the warmed worker meanwhile,
