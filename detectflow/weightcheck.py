@@ -117,6 +117,12 @@ def check(model: str, path: str, source: str, num_classes: int = 0) -> dict:
 
 def main(argv: list[str]) -> int:
     model, path, source, stamp, hint = (argv + ["", "", "0"])[:5]
+    from detectflow import workarounds
+
+    if workarounds.applies("torchvision_import"):  # the check compiles nothing either
+        from detectflow.workarounds.torchvision_import import import_torchvision
+
+        import_torchvision()
     try:
         found = check(model, path, source, int(hint or 0))
     except (WeightsError, ConfigError) as exc:

@@ -103,3 +103,20 @@ def test_detectflow_run_finds_default_weights_without_loading_dynamo(tmp_path):
     """, PREFECT_HOME=str(tmp_path / "home"), TORCH_HOME=str(tmp_path / "torch"),
         https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
     assert out == {"code": 2, "tv": True, "dynamo": False}
+
+
+def test_the_weights_check_reads_a_factorys_weights_without_loading_dynamo():
+    """The check's own process (``python -m detectflow.weightcheck``) builds the model too."""
+    out = run_fresh("""
+        import io, json, sys
+        from contextlib import redirect_stdout
+        from detectflow import weightcheck
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            code = weightcheck.main(["examples.shapes.model:tiny_fasterrcnn",
+                                     "examples/shapes/shapes_detector.pth", "local"])
+        print(json.dumps({"code": code, "found": json.loads(printed.getvalue()),
+                          "dynamo": "torch._dynamo" in sys.modules}))
+    """)
+    assert out["code"] == 0 and out["found"]["num_classes"] > 1
+    assert out["dynamo"] is False

@@ -22,8 +22,8 @@ log = logging.getLogger("detectflow.workarounds")
 # name: (what it does, the distributions and versions it was verified on)
 VERIFIED: dict[str, tuple[str, dict[str, str]]] = {
     "torchvision_import": (
-        "inference actors (and `detectflow run`, for default weights) import torchvision "
-        "without loading TorchDynamo",
+        "inference actors, the weights' check and `detectflow run` (for default weights) "
+        "import torchvision without loading TorchDynamo",
         {"torch": "2.14.1", "torchvision": "0.29.1", "ray": "2.60.0"}),
     "api_server": (
         "detectflow run starts Prefect's temporary API server before its own imports",
