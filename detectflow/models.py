@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -224,18 +225,31 @@ def resolve_weights(model: str, weights: str | None, checksum: bool = True) -> R
         if not os.path.isfile(path):
             raise WeightsError(f"weights for {model}: file not found: {path}")
         return ResolvedWeights(weights, path, os.path.basename(path), digest(path))
-    # Remote (s3://...): copy once into the local cache, named by the URI's hash.
+    # Remote (s3://...): copied into the local cache once per version of the object (its ETag,
+    # else its size and time), so weights replaced under the same URI are fetched again.
     name = os.path.basename(weights.rstrip("/")) or "weights.pth"
-    local = _weights_cache_dir() / hashlib.sha256(weights.encode()).hexdigest()[:16] / name
+    try:
+        fs, path = storage.get_fs(weights)
+        info = fs.info(path)
+    except Exception as exc:
+        raise _unreadable(model, weights, exc) from None
+    version = str(info.get("ETag") or (info.get("size"), info.get("LastModified")))
+    folder = _weights_cache_dir() / hashlib.sha256(weights.encode()).hexdigest()[:16]
+    local = folder / hashlib.sha256(version.encode()).hexdigest()[:16] / name
     if not local.exists():
         try:
             data = storage.read_bytes(weights)
         except Exception as exc:
-            raise WeightsError(
-                f"weights for {model}: cannot read {weights}: {storage.explain(exc)}"
-            ) from None
+            raise _unreadable(model, weights, exc) from None
         storage.atomic_write_bytes(str(local), data)
+        for older in folder.iterdir():  # earlier versions of this URI
+            if older != local.parent:
+                shutil.rmtree(older, ignore_errors=True)
     return ResolvedWeights(weights, str(local), name, digest(str(local)))
+
+
+def _unreadable(model: str, weights: str, exc: BaseException) -> WeightsError:
+    return WeightsError(f"weights for {model}: cannot read {weights}: {storage.explain(exc)}")
 
 
 def build_model(model: str, score_threshold: float = 0.05,

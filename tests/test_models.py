@@ -183,3 +183,31 @@ def test_weights_that_fitted_once_are_not_checked_again(tmp_path, monkeypatch, s
     again = weightcheck.WeightsCheck(SMALL, good)
     assert not hasattr(again, "process")  # remembered, with what it read: no subprocess
     assert again.wait() == found
+
+
+def test_weights_replaced_under_the_same_s3_uri_are_fetched_again(s3, small_weights, tmp_path,
+                                                                  monkeypatch):
+    """The local copy of remote weights is per version of the object: a model re-uploaded to
+    the same key (a nightly fine-tune) is never read stale from the cache."""
+    import s3fs
+
+    from detectflow import storage
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    fs = s3fs.S3FileSystem(endpoint_url=s3)
+    uri = "s3://detectflow-in/weights/replaced.pth"
+    first = small_weights.read_bytes()
+    second = first[:-1] + bytes([first[-1] ^ 1])  # the same size, other bytes
+    storage.configure(s3)
+    try:
+        fs.pipe_file(uri, first)
+        before = resolve_weights(SMALL, uri)
+        assert before.sha256 == models._sha256(str(small_weights))
+        fs.pipe_file(uri, second)
+        after = resolve_weights(SMALL, uri)
+        again = resolve_weights(SMALL, uri)
+    finally:
+        storage.configure(None)
+    assert open(after.path, "rb").read() == second and after.sha256 != before.sha256
+    assert again.path == after.path  # cached until the object changes
+    assert not os.path.exists(before.path)  # the earlier copy is gone
