@@ -32,6 +32,17 @@ from ray_nodes import free_port  # noqa: E402,F401 - tests import it from here
 
 SMALL_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
+# `make test` hands whole modules to its workers in collection order (--dist loadfile, with
+# xdist's reordering by test count off): the longest go first, so that no worker is left
+# running one of them alone at the end (benchmarks/RESULTS.md, "Test suite").
+LONGEST_FIRST = ("test_reliability", "test_deployments", "test_cli", "test_incremental_runs",
+                 "test_cluster", "test_s3", "test_default_model", "test_flow", "test_own_detector")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(LONGEST_FIRST)))
+
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
