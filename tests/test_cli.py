@@ -112,12 +112,10 @@ def stopped_then_resumed(photos, small_weights, tmp_path_factory):
     """`detectflow run` stopped by Ctrl-C mid-detect (SIGINT to its process group, as a
     terminal sends it), then run again with the same run id to the end."""
     tmp = tmp_path_factory.mktemp("cli-run")
-    out = tmp / "out"
-    for home in ("stopped", "rerun"):  # each run's own Prefect API database
-        (tmp / home).mkdir()
+    out, home = tmp / "out", tmp / "prefect-home"
     # Its own session, as a terminal gives a command its own process group: what it starts
     # (Ray, the API server) is found by the session id afterwards.
-    proc = subprocess.Popen(_args(photos, out, small_weights), env=_env(tmp / "stopped"),
+    proc = subprocess.Popen(_args(photos, out, small_weights), env=_env(tmp),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     staged = out / "cli-run" / "_staging" / "detections"
@@ -137,10 +135,12 @@ def stopped_then_resumed(photos, small_weights, tmp_path_factory):
     stopped = {"proc": proc, "stderr": stderr, "seconds": time.monotonic() - sent,
                "left": settled(lambda: session_processes(proc.pid), lambda f: not f, timeout=10),
                "manifest_after_stop": (out / "cli-run" / "manifest.json").exists()}
-    rerun = subprocess.run(_args(photos, out, small_weights), env=_env(tmp / "rerun"),
+    # Run again from the same shell: the same Prefect home, whose database the first run made.
+    before = {"events": _stored_events(home), "task_runs": set(_task_logs(home))}
+    rerun = subprocess.run(_args(photos, out, small_weights), env=_env(tmp),
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    return {"stopped": stopped, "rerun": rerun, "out": out, "home": tmp / "rerun" / "prefect-home"}
+    return {"stopped": stopped, "rerun": rerun, "out": out, "home": home, "before": before}
 
 
 @pytest.mark.slow
@@ -174,13 +174,15 @@ def test_rerun_resumes_prints_summary_and_run_folder_last(stopped_then_resumed, 
     assert manifest["resume"]["shards_reused"] >= 1 and manifest["resume"]["images_inferred"] > 0, \
         manifest["resume"]
     assert len(list((out / "cli-run" / "samples").glob("*.png"))) == 4
-    home = stopped_then_resumed["home"]
-    events = _stored_events(home)
+    home, before = stopped_then_resumed["home"], stopped_then_resumed["before"]
+    events = {name: count - before["events"].get(name, 0)
+              for name, count in _stored_events(home).items()}  # the rerun's own
     assert events.get("prefect.flow-run.Running") == 1, events  # the run reported to its API...
     assert "prefect.flow-run.heartbeat" not in events, events  # ...which dies with it: no beats
     # Every task's logs reached that API although the run's local Ray killed its workers right
     # after the last task (Prefect sends logs in batches; workarounds.task_logs flushes them).
-    by_task = _task_logs(home)
+    by_task = {task_run: messages for task_run, messages in _task_logs(home).items()
+               if task_run not in before["task_runs"]}
     # list, detect, validate, write, manifest, merge_table, latest
     assert len(by_task) == 7, by_task
     for messages in by_task.values():  # each task's last log, as Prefect writes it

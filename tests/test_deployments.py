@@ -234,7 +234,8 @@ def worker_run(server, deployed, small_weights, tmp_path_factory):
     parameters, here with this test's output and model)."""
     out = tmp_path_factory.mktemp("deployed-out")
     flow_run_id, seconds = _worker_run(server, deployed["nightly"],
-                                       _params(out, "from-deployment", small_weights))
+                                       _params(out, "from-deployment", small_weights,
+                                               num_actors=1))
     print(f"\ntrigger → Completed through a process worker: {seconds:.1f} s")
     return {"id": flow_run_id, "out": out, "run_dir": out / "from-deployment"}
 
@@ -375,11 +376,6 @@ def _assert_cancelled_and_stopped(server, run: dict, seconds: float, keep: set[i
                                   log: Path) -> None:
     assert run["state_type"] == "CANCELLED", (run["state"], log.read_text()[-3000:])
     assert seconds < 30, f"Cancelled after {seconds:.1f} s"
-    # The runner's own part of the cancel ends seconds after the state: a runner stopped before
-    # then waits on the run's process it still tracks, until it is killed (seen in full runs).
-    done = f"Cancelled flow run '{run['name']}'"
-    assert settled(lambda: done in log.read_text(errors="replace"), bool, timeout=30), \
-        log.read_text()[-3000:]
     # The run's process and its local Ray are gone; the server and the runner stay.
     left = settled(lambda: set(_processes_of(server["home"])) - keep, lambda p: not p, timeout=15)
     assert not left, {pid: cmdline(pid)[:200] for pid in left}
