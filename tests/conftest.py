@@ -19,11 +19,16 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_var, None)
 
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
+
+# xdist's workers ignore SIGINT, and every process a test starts would inherit that: a user's
+# shell starts commands with it on. (Prefect's runners, stopped with SIGINT, then hung until killed.)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))

@@ -60,6 +60,13 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def test_the_processes_tests_start_take_sigint_as_from_a_shell():
+    """Runners here are stopped with SIGINT, as Ctrl-C stops them (conftest undoes xdist's)."""
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
