@@ -26,8 +26,9 @@ import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
 
-# xdist's workers ignore SIGINT, and every process a test starts would inherit that: a user's
-# shell starts commands with it on. (Prefect's runners, stopped with SIGINT, then hung until killed.)
+# A suite started in the background (a CI job may be) has SIGINT ignored, and every process a
+# test starts would inherit that; a user's shell starts commands with it on. (Prefect's runners,
+# stopped with SIGINT, then hung until killed.)
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent

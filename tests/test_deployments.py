@@ -61,7 +61,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_the_processes_tests_start_take_sigint_as_from_a_shell():
-    """Runners here are stopped with SIGINT, as Ctrl-C stops them (conftest undoes xdist's)."""
+    """Runners here are stopped with SIGINT, as Ctrl-C stops them, however the suite started."""
     code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "True", out.stderr
