@@ -234,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
                 # a minute.
                 atexit.register(server.stop)
             from detectflow import raycluster, storage
+
+            # Before anything connects: the API, Ray and S3 endpoints on this machine are
+            # reached directly, behind a proxy too (and Ray's processes inherit it).
+            os.environ.update(raycluster.loopback_no_proxy(os.environ))
             from detectflow.lease import run_lease
             from detectflow.preflight import model_spec, preflight
 

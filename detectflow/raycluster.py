@@ -12,7 +12,8 @@ import importlib.util
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import ray
@@ -62,6 +63,28 @@ def code_runtime_env(ship: bool = True, model: str = "") -> dict[str, Any]:
     return {"py_modules": folders, "excludes": ["__pycache__", "*.pyc"]}
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PROXY_VARS = ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def loopback_no_proxy(environ: Mapping[str, str]) -> dict[str, str]:
+    """``no_proxy``/``NO_PROXY`` with the loopback names added, where a proxy is set.
+
+    Prefect's event client (the ``websockets`` library) sends even ``ws://127.0.0.1`` through
+    ``https_proxy`` unless ``no_proxy`` names it, so behind a proxy the events of a run never
+    reached a loopback API, and every task waited on the failed connections. Loopback never
+    needs a proxy. Empty when nothing needs adding.
+    """
+    if not any(environ.get(name) for name in PROXY_VARS):
+        return {}
+    names = [n.strip() for n in (environ.get("no_proxy") or environ.get("NO_PROXY") or "")
+             .split(",") if n.strip()]
+    if "*" in names or all(host in names for host in LOOPBACK):
+        return {}
+    value = ",".join(names + [host for host in LOOPBACK if host not in names])
+    return {"no_proxy": value, "NO_PROXY": value}
+
+
 def worker_env(api_url: str | None, s3_endpoint_url: str | None = None) -> dict[str, str]:
     """Environment every Ray worker (and the Ray Data tasks and actors they start) needs: the
     flow's Prefect API URL, so task runs land there, and the S3 endpoint when one was chosen.
@@ -74,6 +97,8 @@ def worker_env(api_url: str | None, s3_endpoint_url: str | None = None) -> dict[
     env = {}
     if api_url:
         env["PREFECT_API_URL"] = api_url.rstrip("/")
+        if urllib.parse.urlsplit(api_url).hostname in LOOPBACK:
+            env |= loopback_no_proxy(os.environ)
     if s3_endpoint_url:
         env["AWS_ENDPOINT_URL_S3"] = s3_endpoint_url
     return env

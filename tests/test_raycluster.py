@@ -92,3 +92,14 @@ def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
     assert imported is True
     assert collecting is True
     assert frozen > 10_000
+
+
+def test_loopback_bypasses_a_proxy_for_the_workers_of_a_local_api(monkeypatch):
+    from detectflow.raycluster import worker_env
+
+    assert "no_proxy" not in worker_env("http://127.0.0.1:4200/api")  # no proxy: nothing added
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "corp.example")
+    local = worker_env("http://127.0.0.1:4200/api")
+    assert local["no_proxy"] == local["NO_PROXY"] == "corp.example,127.0.0.1,localhost,::1"
+    assert "no_proxy" not in worker_env("https://prefect.corp.example/api")  # the user's own
