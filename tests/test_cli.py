@@ -215,6 +215,10 @@ def test_every_workaround_off_gives_the_same_detections(stopped_then_resumed, ph
     """Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
     plain torchvision import, Ray's own shutdown; the same detections."""
     out = tmp_path / "plain-out"
+    # A database that exists already, as in a user's shell after the first run: a new one
+    # costs Prefect's server seconds of migrations (the Ctrl-C run starts on a new one).
+    (tmp_path / "prefect-home").mkdir()
+    shutil.copy(stopped_then_resumed["home"] / "prefect.db", tmp_path / "prefect-home")
     plain = subprocess.run(_args(photos, out, small_weights, "--limit", "2"),
                            env=_env(tmp_path) | {"DETECTFLOW_TEST_WORKAROUNDS": "off"},
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
