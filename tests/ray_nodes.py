@@ -165,8 +165,12 @@ class LocalCluster:
                 if entry.name.isdigit() and int(entry.name) != os.getpid()
                 and self.temp_dir.encode() in cmdline(int(entry.name))]
 
-    def stop(self, grace: float = 10) -> None:
-        """Stop worker nodes, then the head; kill what is left of *this* cluster only."""
+    def stop(self, grace: float = 2) -> None:
+        """Stop worker nodes, then the head; kill what is left of *this* cluster only.
+
+        A short grace: ``ray start --block`` stops its processes one by one on SIGTERM, waiting
+        on each (over 10 s for these two nodes), and a test's cluster holds nothing to save.
+        """
         for proc in reversed(self.procs):
             _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
