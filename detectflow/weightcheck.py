@@ -11,7 +11,8 @@ and the class names it may carry (``classes.resolve``).
 A file that fitted is remembered (a stamp named by the model, the file's sha256 and the
 torchvision version, in ``~/.cache/detectflow``, holding what the check read): the next runs with
 the same weights, a nightly deployment's, skip the check. A factory's code can change under the
-same weights, so its checks are not remembered.
+same weights, so its stamp is named by its package's code too (and by the class count given, which
+its head may not tell); a factory installed in site-packages is checked every time.
 
 ``python -m detectflow.weightcheck MODEL PATH SOURCE [STAMP [NUM_CLASSES]]`` prints what it read
 as JSON, or the one-line reason and exits 2 when the weights do not fit.
@@ -35,14 +36,38 @@ _checks: dict[tuple[str, str], WeightsCheck] = {}  # one check per model and fil
 _lock = threading.Lock()
 
 
-def stamp_path(model: str, sha256: str) -> Path | None:
-    """Where a passed check of this model and file is remembered (None without a checksum)."""
-    if not sha256 or is_factory(model):
+def stamp_path(model: str, sha256: str, num_classes: int = 0) -> Path | None:
+    """Where a passed check of this model and file is remembered (None without a checksum, or
+    for a factory whose code cannot be hashed)."""
+    if not sha256:
         return None
+    name = model
+    if is_factory(model):
+        if (code := code_digest(model)) is None:
+            return None
+        name = f"{model.replace(':', '.')}-{code}-{num_classes}"
     from detectflow.publish import installed_version
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "detectflow"
-    return cache / "weights-checked" / f"{model}-{sha256}-torchvision{installed_version('torchvision')}"
+    return cache / "weights-checked" / f"{name}-{sha256}-torchvision{installed_version('torchvision')}"
+
+
+def code_digest(model: str) -> str | None:
+    """sha256 (16 hex digits) of the Python files of a factory's package (the folder Ray ships
+    to a cluster); None for one installed in site-packages."""
+    import hashlib
+
+    from detectflow.models import factory_folder
+
+    if (folder := factory_folder(model)) is None:
+        return None
+    root = Path(folder)
+    files = [root] if root.is_file() else sorted(
+        f for f in root.rglob("*.py") if "__pycache__" not in f.parts)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(root.parent)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class WeightsCheck:
@@ -50,7 +75,7 @@ class WeightsCheck:
         self.model = model
         self.error: str | None = None
         self.found: dict | None = None  # what the check read: num_classes, categories
-        stamp = stamp_path(model, weights.sha256)
+        stamp = stamp_path(model, weights.sha256, num_classes)
         with contextlib.suppress(OSError, ValueError):
             self.found = json.loads(stamp.read_text()) if stamp else None
         if self.found is None:

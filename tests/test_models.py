@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from detectflow import models, weightcheck
+from detectflow.config import REPO_ROOT as ROOT
 from detectflow.errors import WeightsError
 from detectflow.models import ResolvedWeights, load_model, resolve_weights
 
@@ -211,3 +212,26 @@ def test_weights_replaced_under_the_same_s3_uri_are_fetched_again(s3, small_weig
     assert open(after.path, "rb").read() == second and after.sha256 != before.sha256
     assert again.path == after.path  # cached until the object changes
     assert not os.path.exists(before.path)  # the earlier copy is gone
+
+
+def test_a_factorys_check_is_remembered_until_its_code_changes(tmp_path, monkeypatch):
+    """A nightly run of one's own detector skips the check once it passed; an edit to the
+    factory's package (same weights) is checked again."""
+    package = tmp_path / "code" / "mydetector"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    source = (ROOT / "examples" / "shapes" / "model.py").read_text()
+    (package / "model.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "code"))  # for the check's subprocess
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = "mydetector.model:tiny_fasterrcnn"
+    weights = resolve_weights(model, str(ROOT / "examples" / "shapes" / "shapes_detector.pth"))
+    first = weightcheck.WeightsCheck(model, weights)
+    assert first.found is None and first.wait()["num_classes"] > 1  # checked in a subprocess
+    again = weightcheck.WeightsCheck(model, weights)
+    assert not hasattr(again, "process") and again.wait() == first.wait()  # remembered
+    (package / "model.py").write_text(source + "\n# edited\n")
+    edited = weightcheck.WeightsCheck(model, weights)
+    assert edited.found is None and hasattr(edited, "process")  # checked again
+    assert edited.wait() == first.wait()
