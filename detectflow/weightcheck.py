@@ -54,12 +54,16 @@ def stamp_path(model: str, sha256: str, num_classes: int = 0) -> Path | None:
 
 def code_digest(model: str) -> str | None:
     """sha256 (16 hex digits) of the Python files of a factory's package (the folder Ray ships
-    to a cluster); None for one installed in site-packages."""
+    to a cluster); None for one installed in site-packages, or not found (the check says why)."""
     import hashlib
 
     from detectflow.models import factory_folder
 
-    if (folder := factory_folder(model)) is None:
+    try:
+        folder = factory_folder(model)
+    except ConfigError:
+        return None
+    if folder is None:
         return None
     root = Path(folder)
     files = [root] if root.is_file() else sorted(
