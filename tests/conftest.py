@@ -56,16 +56,23 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def weights_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("weights")
+def small_weights(sample_dir, tmp_path_factory) -> Path:
+    """Calibrated (non-degenerate) weights for the small model, made offline: once per suite,
+    in the folder that xdist's workers share (the first to take the lock makes them)."""
+    import fcntl
 
-
-@pytest.fixture(scope="session")
-def small_weights(sample_dir, weights_dir) -> Path:
-    """Calibrated (non-degenerate) weights for the small model, made offline."""
     from calibrated_weights import write_calibrated_weights
 
-    return write_calibrated_weights(SMALL_MODEL, sample_dir, weights_dir / f"{SMALL_MODEL}.pth")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # this run's folder, above the worker's own
+        shared = shared.parent
+    path = shared / f"{SMALL_MODEL}.pth"
+    with open(shared / f"{SMALL_MODEL}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():  # whole or not at all: a worker may die while it writes
+            os.replace(write_calibrated_weights(SMALL_MODEL, sample_dir, path.with_suffix(".tmp")),
+                       path)
+    return path
 
 
 @pytest.fixture(scope="session")
