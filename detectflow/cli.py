@@ -228,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
             if own_api and workarounds.applies("api_server"):
                 from detectflow.workarounds.api_server import TemporaryApiServer
 
-                server = TemporaryApiServer()
+                # Held: it imports and builds at once, but opens its database only once the
+                # checks below have passed (a run that fails them leaves it untouched).
+                server = TemporaryApiServer(held=True)
                 # A plain atexit hook runs after Prefect's own exit hooks have sent the last
                 # logs and events to this server; stopping it any earlier makes them retry for
                 # a minute.
@@ -255,6 +257,8 @@ def run(args: argparse.Namespace) -> int:
             held.enter_context(run_lease(cfg.run_uri, cfg.run_id, wait=cfg.wait))
             flow = _Background(_import_flow, server)  # Ray is imported by now, Prefect isn't
             model_spec(cfg, weights)
+            if server is not None:
+                server.release()
             if server is not None or not own_api:
                 api_url = server.url if server else os.environ["PREFECT_API_URL"]
                 connected = raycluster.connect(

@@ -114,6 +114,41 @@ def test_stopped_while_starting_it_exits_at_once_and_never_opens_a_database(tmp_
     assert not (tmp_path / "home").exists()
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_held_server_opens_no_database_until_released(tmp_path, monkeypatch):
+    """`detectflow run` holds its server while the run's own checks go on: built, it waits
+    before its lifespan (migrations on a new database). A run that fails its checks stops a
+    server that never touched the database; a run that passes them releases it."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "stopped"))
+    server = TemporaryApiServer(held=True)
+    try:
+        # Its start has got as far as it goes while held once it stops using the CPU.
+        samples = [-1.0]
+        settled(lambda: samples.append(_cpu_seconds(server.process.pid)) or samples,
+                lambda s: s[-1] == s[-2], timeout=120)
+        assert server.process.poll() is None
+        assert not (tmp_path / "stopped" / "prefect.db").exists()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0 and not (tmp_path / "stopped" / "prefect.db").exists()
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "released"))
+    server = TemporaryApiServer(held=True)
+    try:
+        server.release()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as client:
+            client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert client.recv(64).startswith(b"HTTP/1.1 200")
+        assert (tmp_path / "released" / "prefect.db").exists()
+    finally:
+        server.stop()
+
+
 def test_stops_when_the_run_that_started_it_is_killed(tmp_path):
     """A run killed with SIGKILL (no atexit hook runs) leaves no server behind: it reads its
     lifeline until the run is gone, then stops as on SIGTERM."""

@@ -86,6 +86,9 @@ def test_weights_that_do_not_fit_fail_before_ray_in_one_line(tmp_path, small_wei
         f"detectflow: error: weights for {SMALL}: {truncated} is not a complete file saved by "
         "torch.save (RuntimeError)"]
     assert not (tmp_path / "out").exists()  # Ray never started, nothing was written
+    # Its API server was held until the checks passed: it never opened (or half-migrated) a
+    # database in the new Prefect home.
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()
 
 
 def test_bad_parameter_is_refused_with_the_field_name(tmp_path):

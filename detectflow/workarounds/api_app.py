@@ -10,9 +10,14 @@ import threading
 from detectflow.gcpause import collection_paused
 
 LIFELINE_ENV = "DETECTFLOW_API_LIFELINE_FD"  # set by ``workarounds.api_server.TemporaryApiServer``
+GO = b"g"  # written to the lifeline once the run's own checks have passed
 # Set once the app is built. Until then nothing is open (the database is opened by the app's
 # lifespan, after this): a stop may end the process at once.
 _built = threading.Event()
+# Set once the run may use the server. The built app waits for it before uvicorn runs its
+# lifespan (migrations on a new database), so a run that fails its checks never opens the
+# database: it is not left half-migrated, and the run's end does not wait on it.
+_go = threading.Event()
 
 
 def create_app():
@@ -21,24 +26,29 @@ def create_app():
     if (fd := os.environ.pop(LIFELINE_ENV, None)) is not None:
         threading.Thread(target=_stop_when_orphaned, args=(int(fd),), daemon=True,
                          name="detectflow-lifeline").start()
+    else:
+        _go.set()
     with collection_paused():
         from prefect.server.api.server import create_app as prefect_create_app
 
         app = prefect_create_app()
     _built.set()
+    _go.wait()
     return app
 
 
 def _stop_when_orphaned(fd: int) -> None:
-    """Block until the pipe's write end is closed (its process ended, however it ended, or it
-    stopped the server), then stop as uvicorn stops on SIGTERM: in-flight requests finish, the
-    database is closed. Before the app is built, exit at once: uvicorn would otherwise finish
-    starting first (a doomed run's one-line error then waited seconds for it)."""
+    """Let the app start once the pipe says ``GO``; block until its write end is closed (its
+    process ended, however it ended, or it stopped the server), then stop as uvicorn stops on
+    SIGTERM: in-flight requests finish, the database is closed. Closed before ``GO`` or before
+    the app is built, exit at once: uvicorn would otherwise finish starting first (a doomed
+    run's one-line error then waited seconds for it)."""
     try:
-        while os.read(fd, 1):
-            pass
+        while byte := os.read(fd, 1):
+            if byte == GO:
+                _go.set()
     except OSError:
         pass
-    if not _built.is_set():
+    if not (_built.is_set() and _go.is_set()):
         os._exit(0)
     os.kill(os.getpid(), signal.SIGTERM)

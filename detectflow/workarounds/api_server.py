@@ -20,7 +20,7 @@ import time
 import urllib.request
 
 from detectflow.errors import DetectflowError
-from detectflow.workarounds.api_app import LIFELINE_ENV
+from detectflow.workarounds.api_app import GO, LIFELINE_ENV
 
 # Prefect's ephemeral server: no UI, the services of an ephemeral server only. No block type
 # registration: a run uses no blocks, and on a fresh PREFECT_HOME (a new container) it costs
@@ -50,7 +50,8 @@ def listening_socket() -> socket.socket:
 class TemporaryApiServer:
     """A Prefect API server on a free loopback port, for the lifetime of one ``detectflow run``."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: bool = False) -> None:
+        """``held``: import and build, but open no database until ``release`` (or ``wait``)."""
         import importlib.util
 
         # The port is bound and listening here and the socket handed to uvicorn (``--fd``): a
@@ -65,6 +66,7 @@ class TemporaryApiServer:
         # holds, and stops when that read ends, i.e. when this process has ended, however it
         # ended (an atexit hook does not run on SIGKILL, e.g. the OOM killer's).
         lifeline, self._lifeline = os.pipe()  # not inherited by other children (PEP 446)
+        self._released = False
         with listening_socket() as sock:  # the child keeps its copy; ours closes after the spawn
             self.port = sock.getsockname()[1]
             self.url = f"http://127.0.0.1:{self.port}/api"
@@ -82,9 +84,21 @@ class TemporaryApiServer:
                 )
             finally:
                 os.close(lifeline)
+        if not held:
+            self.release()
+
+    def release(self) -> None:
+        """Let a held server finish its start: the run's own checks have passed."""
+        if self._lifeline is not None and not self._released:
+            self._released = True
+            try:
+                os.write(self._lifeline, GO)
+            except BrokenPipeError:  # it has exited already: ``wait`` says why
+                pass
 
     def wait(self, timeout: float) -> str:
-        """Block until the server answers its health check; its URL."""
+        """Release the server, and block until it answers its health check; its URL."""
+        self.release()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -111,7 +125,7 @@ class TemporaryApiServer:
 
     def stop(self) -> None:
         """Stop the server through its lifeline (``api_app``): at once while it is still
-        starting, else as on SIGTERM."""
+        starting or held, else as on SIGTERM."""
         if self._lifeline is not None:
             os.close(self._lifeline)
             self._lifeline = None
