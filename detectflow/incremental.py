@@ -82,23 +82,27 @@ class ShardDecision:
     runs: dict[str, int] | None = None  # run id -> images skipped because that run detected them
 
 
-def decide(listing_uris: Sequence[str], table: str, fingerprint: str, *,
+def decide(listing_uris: Sequence[str], table: str | DeltaTable | None, fingerprint: str, *,
            storage_options: dict | None = None,
            version: int | None = None) -> Iterator[ShardDecision]:
-    """Decide each listing shard in order against the table's rows for ``fingerprint`` (at
-    ``version``, default the latest)."""
+    """Decide each listing shard in order against the table's rows for ``fingerprint``.
+
+    ``table`` is the table's location (read at ``version``, default the latest), or the table
+    already opened (its log is read once per run: a nightly table's log grows), or None when
+    there is none yet."""
     if not listing_uris:
         return
     shards = storage.map_concurrently(_read_shard, listing_uris, workers=READ_WORKERS,
                                       held=READ_AHEAD)
-    if not DeltaTable.is_deltatable(table, storage_options=storage_options):
+    if isinstance(table, str):
+        table = (DeltaTable(table, version=version, storage_options=storage_options)
+                 if DeltaTable.is_deltatable(table, storage_options=storage_options) else None)
+    if table is None:
         # First run: nothing to skip, and no table to read.
         for k, shard in enumerate(shards):
             yield ShardDecision(k, shard, 0, 0, {})
         return
-    dataset = DeltaTable(table, version=version,
-                         storage_options=storage_options).to_pyarrow_dataset(
-        file_pruning_predicate=[("fingerprint", "=", fingerprint)])
+    dataset = table.to_pyarrow_dataset(file_pruning_predicate=[("fingerprint", "=", fingerprint)])
     with tempfile.TemporaryDirectory(prefix="detectflow-skips-") as spill:
         path = os.path.join(spill, "runs.arrow")
         runs = _spill_runs(dataset, path)
@@ -358,8 +362,7 @@ def plan(listing_uri: str, todo_uri: str, output_uri: str, fingerprint: str) -> 
 
     decided = 0
     try:
-        for d in decide(uris, tables.location(table), fingerprint, storage_options=options,
-                        version=version):
+        for d in decide(uris, dt, fingerprint):
             keep(d.shard, d.infer)
             summary["skipped"] += d.skipped
             summary["vanished"] += d.vanished
