@@ -135,19 +135,27 @@ def connect(address: str | None, env: dict[str, str], *, ship_code: bool = True,
                 "RAY_AUTH_MODE=token with its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
             ) from None
     else:
-        # "local": a new Ray of our own, never a `ray start` cluster found on this machine;
-        # without its dashboard unless asked for (seconds of CPU at start-up on a small machine).
-        # Its workers die with it, so tasks send their logs before returning where that
-        # shortcut applies (workarounds.task_logs).
-        # The environment, not a runtime_env: Ray starts one worker per CPU with its own
-        # environment, and those serve only jobs without env_vars of their own; otherwise they
-        # sit idle while cold ones start for the job (benchmarks/RESULTS.md, lever log).
-        local_env = env | {workarounds.FLUSH_LOGS: "1"}
-        with keep_handlers(), _environment(local_env):
-            context = ray.init(address="local", namespace="detectflow",
-                               include_dashboard=dashboard)
-        _started_with[ray.get_runtime_context().get_session_name()] = local_env
+        context = start_local(env, include_dashboard=dashboard)
     warm_workers(WARM_WORKERS)
+    return context
+
+
+def start_local(env: dict[str, str], **init_options: Any):
+    """Start a new local Ray of our own (never a `ray start` cluster found on this machine)
+    whose every worker has ``env``; Ray's context. ``init_options`` go to ``ray.init``: without
+    the dashboard unless asked for (seconds of CPU at start-up on a small machine).
+
+    The environment, not a runtime_env: Ray starts one worker per CPU with its own
+    environment, and those serve only jobs without env_vars of their own; otherwise they sit
+    idle while cold ones start for the job (benchmarks/RESULTS.md, lever log). Its workers die
+    with it, so tasks send their logs before returning where that shortcut applies
+    (workarounds.task_logs).
+    """
+    local_env = env | {workarounds.FLUSH_LOGS: "1"}
+    options = {"namespace": "detectflow", "include_dashboard": False} | init_options
+    with keep_handlers(), _environment(local_env):
+        context = ray.init(address="local", **options)
+    _started_with[ray.get_runtime_context().get_session_name()] = local_env
     return context
 
 

@@ -19,7 +19,10 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 for _var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_var, None)
 
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
+import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
@@ -55,34 +58,31 @@ def sample_dir() -> Path:
     return ROOT / "data" / "sample_images"
 
 
-@pytest.fixture(scope="session")
-def small_weights(sample_dir, tmp_path_factory) -> Path:
-    """Calibrated (non-degenerate) weights for the small model, made offline: once per suite,
-    in the folder that xdist's workers share (the first to take the lock makes them)."""
+def _once_per_suite(tmp_path_factory, name: str, make) -> Path:
+    """``name`` in the folder that xdist's workers share, made by ``make(path)`` in the first
+    worker to take its lock; whole or not at all (a worker may die while it writes)."""
     import fcntl
-
-    from calibrated_weights import write_calibrated_weights
 
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # this run's folder, above the worker's own
         shared = shared.parent
-    path = shared / f"{SMALL_MODEL}.pth"
-    with open(shared / f"{SMALL_MODEL}.lock", "w") as lock:
+    path = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():  # whole or not at all: a worker may die while it writes
-            os.replace(write_calibrated_weights(SMALL_MODEL, sample_dir, path.with_suffix(".tmp")),
-                       path)
+        if not path.exists():
+            partial = path.with_name(f"{name}.partial")
+            make(partial)
+            os.replace(partial, path)
     return path
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    import ray
+def small_weights(sample_dir, tmp_path_factory) -> Path:
+    """Calibrated (non-degenerate) weights for the small model, made offline once per suite."""
+    from calibrated_weights import write_calibrated_weights
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, namespace="detectflow-tests",
-             log_to_driver=True)
-    yield ray
-    ray.shutdown()
+    return _once_per_suite(tmp_path_factory, f"{SMALL_MODEL}.pth",
+                           lambda path: write_calibrated_weights(SMALL_MODEL, sample_dir, path))
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +93,46 @@ def prefect_api():
         from prefect.settings import PREFECT_API_URL
 
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def prefect_db(prefect_api, tmp_path_factory) -> Path:
+    """A migrated, empty Prefect database: the harness's own as it started, copied once per
+    suite. A server starting on a new database spends seconds of CPU migrating it; tests of
+    servers that need no new database (a user's second run) start on a copy of this one."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    live = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
+
+    def snapshot(path: Path) -> None:  # SQLite's backup: consistent while the server writes
+        with contextlib.closing(sqlite3.connect(live)) as source, \
+                contextlib.closing(sqlite3.connect(path)) as copy:
+            source.backup(copy)
+
+    return _once_per_suite(tmp_path_factory, "prefect.db", snapshot)
+
+
+@pytest.fixture
+def prefect_home(prefect_db, tmp_path) -> Path:
+    """A new ``PREFECT_HOME`` holding a copy of the migrated database."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    shutil.copy(prefect_db, home / "prefect.db")
+    return home
+
+
+@pytest.fixture(scope="session")
+def ray_local(prefect_api):
+    """The worker's local Ray, started as ``detectflow run`` starts one: with the environment
+    its flows' tasks need (the API above), so that they run on its pooled workers."""
+    import ray
+
+    from detectflow import raycluster
+
+    raycluster.start_local(raycluster.worker_env(prefect_api), num_cpus=2, num_gpus=0,
+                           namespace="detectflow-tests", log_to_driver=True)
+    yield ray
+    ray.shutdown()
 
 
 # Our own opener: urllib's global one keeps the proxy settings of its first use (a test points

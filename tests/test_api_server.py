@@ -17,8 +17,8 @@ from detectflow.errors import DetectflowError
 from detectflow.workarounds.api_server import TemporaryApiServer, listening_socket
 
 
-def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # a database of its own
+def test_holds_its_port_from_the_start_and_serves_early_clients(prefect_home, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))  # a migrated copy
     server = TemporaryApiServer()
     try:
         # Bound before the server process has even imported Prefect: nothing can take the port
@@ -48,7 +48,7 @@ def test_holds_its_port_from_the_start_and_serves_early_clients(tmp_path, monkey
 def test_registers_no_block_types_and_leaves_prefects_own_server_to_do_it(tmp_path, monkeypatch):
     """A run uses no blocks, so its server skips their registration (~1 s on a fresh database).
     It must not record the registration as done either: Prefect's own server, started later on
-    the same database, still registers them."""
+    the same database, still registers them. A new database: the tests' copies have them."""
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     server = TemporaryApiServer()
     try:
@@ -149,13 +149,13 @@ def test_a_held_server_opens_no_database_until_released(tmp_path, monkeypatch):
         server.stop()
 
 
-def test_stops_when_the_run_that_started_it_is_killed(tmp_path):
+def test_stops_when_the_run_that_started_it_is_killed(prefect_home):
     """A run killed with SIGKILL (no atexit hook runs) leaves no server behind: it reads its
     lifeline until the run is gone, then stops as on SIGTERM."""
     code = ("import json; from detectflow.workarounds.api_server import TemporaryApiServer; "
             "s = TemporaryApiServer(); s.wait(120); "
             "print(json.dumps({'pid': s.process.pid}), flush=True); import time; time.sleep(600)")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
     run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                            env=env)
     try:

@@ -121,11 +121,15 @@ def _args(photos: Path, out: Path, weights: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def stopped_then_resumed(photos, small_weights, tmp_path_factory):
+def stopped_then_resumed(photos, small_weights, prefect_db, tmp_path_factory):
     """`detectflow run` stopped by Ctrl-C mid-detect (SIGINT to its process group, as a
-    terminal sends it), then run again with the same run id to the end."""
+    terminal sends it), then run again with the same run id to the end. In a Prefect home
+    that has a database, as a user's after the first run (a new one's migrations cost seconds;
+    tests/test_api_server.py starts a server on one)."""
     tmp = tmp_path_factory.mktemp("cli-run")
     out, home = tmp / "out", tmp / "prefect-home"
+    home.mkdir()
+    shutil.copy(prefect_db, home / "prefect.db")
     # Its own session, as a terminal gives a command its own process group: what it starts
     # (Ray, the API server) is found by the session id afterwards.
     proc = subprocess.Popen(_args(photos, out, small_weights), env=_env(tmp),
@@ -148,7 +152,7 @@ def stopped_then_resumed(photos, small_weights, tmp_path_factory):
     stopped = {"proc": proc, "stderr": stderr, "seconds": time.monotonic() - sent,
                "left": settled(lambda: session_processes(proc.pid), lambda f: not f, timeout=10),
                "manifest_after_stop": (out / "cli-run" / "manifest.json").exists()}
-    # Run again from the same shell: the same Prefect home, whose database the first run made.
+    # Run again from the same shell: the same Prefect home, whose database the first run used.
     before = {"events": _stored_events(home),
               "task_runs": set(_task_logs(home)) | set(_task_runs(home))}
     rerun = subprocess.run(_args(photos, out, small_weights), env=_env(tmp),
@@ -218,9 +222,7 @@ def test_every_workaround_off_gives_the_same_detections(stopped_then_resumed, ph
     """Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
     plain torchvision import, Ray's own shutdown; the same detections."""
     out = tmp_path / "plain-out"
-    # A database that exists already, as in a user's shell after the first run: a new one
-    # costs Prefect's server seconds of migrations (the Ctrl-C run starts on a new one).
-    (tmp_path / "prefect-home").mkdir()
+    (tmp_path / "prefect-home").mkdir()  # a database that exists already, as above
     shutil.copy(stopped_then_resumed["home"] / "prefect.db", tmp_path / "prefect-home")
     plain = subprocess.run(_args(photos, out, small_weights, "--limit", "2"),
                            env=_env(tmp_path) | {"DETECTFLOW_TEST_WORKAROUNDS": "off"},

@@ -68,8 +68,9 @@ def test_the_processes_tests_start_take_sigint_as_from_a_shell():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, prefect_db):
     home = tmp_path_factory.mktemp("prefect-server")
+    shutil.copy(prefect_db, home / "prefect.db")  # migrated already: not what this tests
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS"))}
@@ -85,6 +86,7 @@ def server(tmp_path_factory):
         PREFECT_API_URL=api,  # for the CLI, workers and flow runs started below
         RAY_USAGE_STATS_ENABLED="0",
         RAY_DATA_DISABLE_PROGRESS_BARS="1",
+        RAY_AUTH_MODE="token",  # runs on an existing cluster (Ray 2.60 default) show its token
     )
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -235,14 +237,20 @@ def _worker_run(server, deployment: dict, parameters: dict) -> tuple[str, float]
     return flow_run_id, seconds
 
 
+def _on_cluster(ray_local) -> dict:
+    """Parameters that send a run to an existing Ray cluster, as a deployment for one sets
+    them: here the test worker's own Ray (the cancel tests' runs start a local Ray each)."""
+    return {"ray_address": ray_local.get_runtime_context().gcs_address, "ship_code": False}
+
+
 @pytest.fixture(scope="module")
-def worker_run(server, deployed, small_weights, tmp_path_factory):
+def worker_run(server, deployed, small_weights, ray_local, tmp_path_factory):
     """A run of the nightly deployment, created as its schedule creates one (the deployment's
-    parameters, here with this test's output and model)."""
+    parameters, here with this test's output and model, on an existing Ray cluster)."""
     out = tmp_path_factory.mktemp("deployed-out")
     flow_run_id, seconds = _worker_run(server, deployed["nightly"],
                                        _params(out, "from-deployment", small_weights,
-                                               num_actors=1))
+                                               num_actors=1, **_on_cluster(ray_local)))
     print(f"\ntrigger → Completed through a process worker: {seconds:.1f} s")
     return {"id": flow_run_id, "out": out, "run_dir": out / "from-deployment"}
 
@@ -419,7 +427,7 @@ def server_pid(server) -> set[int]:
 # worker's runs, and of worker_run's output (the second night moves latest.json and emits a
 # second event).
 @pytest.fixture(scope="module")
-def served(server, deployed, worker_run, small_weights):
+def served(server, deployed, worker_run, small_weights, ray_local):
     """``make serve``: the same deployments, executed by a long-running process (no worker runs
     from here on, so only the served process can pick a run up). Its first run is the nightly
     deployment's second night, created as the schedule creates one."""
@@ -441,7 +449,7 @@ def served(server, deployed, worker_run, small_weights):
             time.sleep(0.5)
         response = _create_run(server, nightly["id"],
                                _params(worker_run["out"], "second-night", small_weights,
-                                       num_actors=1))
+                                       num_actors=1, **_on_cluster(ray_local)))
         assert response.status_code == 201, response.text
         run = _wait_terminal(server, response.json()["id"], serve, timeout=480)
         yield {"proc": serve, "log": log_path, "crons": crons, "second_night": run}

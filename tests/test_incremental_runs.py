@@ -185,9 +185,11 @@ def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
 
 @pytest.mark.slow
 def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, images,
-                                                                  tmp_path, prefect_api):
-    """Two `detectflow run` processes, each with its own Ray, over two halves of a bucket into
-    one output prefix on the loopback S3 (delta-rs commits with S3's conditional writes)."""
+                                                                  tmp_path, prefect_api,
+                                                                  ray_local):
+    """Two `detectflow run` processes over two halves of a bucket into one output prefix on the
+    loopback S3 (delta-rs commits with S3's conditional writes): one on a local Ray of its own,
+    the other on an existing cluster (the test worker's Ray)."""
     import s3fs
 
     url = moto_server()
@@ -197,16 +199,20 @@ def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, i
         if path.is_file():
             fs.put_file(str(path), f"nightly/photos/{path.relative_to(images / 'in')}")
     procs = []
+    cluster = {"a": [], "b": ["--ray-address", ray_local.get_runtime_context().gcs_address]}
+    token = {"a": {}, "b": {"RAY_AUTH_MODE": "token"}}  # the existing cluster wants its token
     for half in ("a", "b"):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), PREFECT_API_URL=prefect_api)
+        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), PREFECT_API_URL=prefect_api,
+                   **token[half])
         log = open(tmp_path / f"{half}.log", "wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",
              "--output", "s3://nightly/detections", "--model", SHAPES, "--weights", str(WEIGHTS),
              "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}",
-             "--num-actors", "1", "--s3-endpoint-url", url], cwd=REPO_ROOT, env=env, stdout=log,
+             "--num-actors", "1", "--s3-endpoint-url", url, *cluster[half]], cwd=REPO_ROOT,
+            env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 400
     for proc in procs:
