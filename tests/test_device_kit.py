@@ -17,16 +17,19 @@ SCRIPT = ROOT / "benchmarks" / "probes" / "gpu_check.sh"
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 
 
-def run_script(*args: str, out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_script(*args: str, out: Path, timeout: float = 240, **env_vars: str
+               ) -> subprocess.CompletedProcess:
     # Batches of 2: the steps are what is checked here, not the CPU's speed.
     env = os.environ | {"OUT": str(out), "DEVICE": "cpu", "PYTHON": sys.executable,
-                        "MODEL": SMALL, "BATCH": "2"}
+                        "MODEL": SMALL, "BATCH": "2"} | env_vars
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
-def test_the_start_step_runs_and_leaves_its_logs(tmp_path):
-    done = run_script("imports", "start", out=tmp_path)
+def test_the_start_step_runs_and_leaves_its_logs(tmp_path, small_weights, sample_dir):
+    # The suite's weights and photos: the benchmark's own would be made first on a fresh clone.
+    done = run_script("imports", "start", out=tmp_path, WEIGHTS=str(small_weights),
+                      IMAGES=str(sample_dir))
     assert done.returncode == 0, done.stdout + done.stderr
     steps = (tmp_path / "steps.txt").read_text()
     assert "=== imports exit 0" in steps and "=== start exit 0" in steps

@@ -29,6 +29,8 @@ DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 MODEL_ARG=${MODEL:+--model $MODEL}  # default: each benchmark's GPU model (the flow's default)
 BATCH=${BATCH:-}  # the start step's batch size (default: probes.actor_start's)
+# The start step's weights and images (default: the benchmark's, made when missing)
+START_INPUTS="${WEIGHTS:+--weights $WEIGHTS} ${IMAGES:+--images $IMAGES}"
 DRY=0
 steps=()
 for a in "$@"; do
@@ -42,7 +44,7 @@ declare -A CMD=(
     [imports]="-m benchmarks.probes.import_times"
     [bare]="-m benchmarks.gpu_levers --device $DEVICE $MODEL_ARG --only 'fp32;fp32, folded BN;fp32, channels-last, folded BN;fp16, channels-last;fp16, channels-last, folded BN'"
     [fold4800]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 4800 --skip limit,flow,services $FP16 --variant 'folded BN:fold_batchnorm=true' --variant 'folded BN, 4 streams:fold_batchnorm=true,gpu_streams=4'"
-    [start]="-m benchmarks.probes.actor_start --device $DEVICE $MODEL_ARG ${BATCH:+--batch $BATCH}"
+    [start]="-m benchmarks.probes.actor_start --device $DEVICE $MODEL_ARG ${BATCH:+--batch $BATCH} $START_INPUTS"
     [full1600]="-m benchmarks.run --device $DEVICE $MODEL_ARG --n 1600"
 )
 for s in "${steps[@]}"; do
