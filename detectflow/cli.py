@@ -395,4 +395,10 @@ def entry() -> None:
 
     atexit.register(exit_now)
     code.append(main())
+    if any(isinstance(t, _Background) and t.is_alive() for t in threading.enumerate()):
+        # Failed fast while a thread still imports Prefect: none of its hooks has anything to
+        # send, and the import, left running into the exit hooks, would print its own error
+        # (too late to register one) after the run's last line. The held API server stops on
+        # its own once this process is gone.
+        exit_now()
     raise SystemExit(code[0])
