@@ -97,9 +97,10 @@ def prefect_api():
 
 @pytest.fixture(scope="session")
 def prefect_db(prefect_api, tmp_path_factory) -> Path:
-    """A migrated, empty Prefect database: the harness's own as it started, copied once per
-    suite. A server starting on a new database spends seconds of CPU migrating it; tests of
-    servers that need no new database (a user's second run) start on a copy of this one."""
+    """A migrated Prefect database: the harness's own, copied once per suite when first asked
+    for (with whatever earlier tests had recorded in it). A server starting on a new database
+    spends seconds of CPU migrating it; tests of servers that need no new database (a user's
+    second run) start on a copy of this one."""
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     live = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
