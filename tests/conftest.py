@@ -85,32 +85,35 @@ def small_weights(sample_dir, tmp_path_factory) -> Path:
                            lambda path: write_calibrated_weights(SMALL_MODEL, sample_dir, path))
 
 
+def _harness_database(path: Path) -> None:
+    """Copy the test harness's database to ``path`` (SQLite's backup: consistent while the
+    server writes)."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    live = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
+    with contextlib.closing(sqlite3.connect(live)) as source, \
+            contextlib.closing(sqlite3.connect(path)) as copy:
+        source.backup(copy)
+
+
 @pytest.fixture(scope="session")
-def prefect_api():
+def prefect_api(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         from prefect.settings import PREFECT_API_URL
 
+        # Its database as it starts, migrated and empty, for other servers' tests (prefect_db).
+        _once_per_suite(tmp_path_factory, "prefect.db", _harness_database)
         yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(scope="session")
 def prefect_db(prefect_api, tmp_path_factory) -> Path:
-    """A migrated Prefect database: the harness's own, copied once per suite when first asked
-    for (with whatever earlier tests had recorded in it). A server starting on a new database
-    spends seconds of CPU migrating it; tests of servers that need no new database (a user's
-    second run) start on a copy of this one."""
-    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
-
-    live = PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]
-
-    def snapshot(path: Path) -> None:  # SQLite's backup: consistent while the server writes
-        with contextlib.closing(sqlite3.connect(live)) as source, \
-                contextlib.closing(sqlite3.connect(path)) as copy:
-            source.backup(copy)
-
-    return _once_per_suite(tmp_path_factory, "prefect.db", snapshot)
+    """A migrated, empty Prefect database: the first harness's own as it started. A server
+    starting on a new database spends seconds of CPU migrating it; tests of servers that need
+    no new database (a user's second run) start on a copy of this one."""
+    return _once_per_suite(tmp_path_factory, "prefect.db", _harness_database)
 
 
 @pytest.fixture
