@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from parity import assert_same_detections
 from settle import session_processes, settled
 
 from detectflow.cli import options_table
@@ -214,31 +212,6 @@ def test_rerun_resumes_prints_summary_and_run_folder_last(stopped_then_resumed, 
     assert sum(m.startswith(f"wrote {IMAGES} rows") for ms in by_task.values() for m in ms) == 1
     assert sum(m.startswith(f"merged {IMAGES} rows into") for ms in by_task.values()
                for m in ms) == 1
-
-
-@pytest.mark.slow
-def test_every_workaround_off_gives_the_same_detections(stopped_then_resumed, photos,
-                                                        small_weights, tmp_path):
-    """Every start-up shortcut off (detectflow.workarounds): Prefect's own temporary server, the
-    plain torchvision import, Ray's own shutdown; the same detections."""
-    out = tmp_path / "plain-out"
-    (tmp_path / "prefect-home").mkdir()  # a database that exists already, as above
-    shutil.copy(stopped_then_resumed["home"] / "prefect.db", tmp_path / "prefect-home")
-    plain = subprocess.run(_args(photos, out, small_weights, "--limit", "2"),
-                           env=_env(tmp_path) | {"DETECTFLOW_TEST_WORKAROUNDS": "off"},
-                           capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
-    assert plain.stdout.strip().splitlines()[-1] == str(out / "cli-run")
-    run_dir = stopped_then_resumed["out"] / "cli-run"
-    shortcut = {r["image_uri"]: r for r in pq.read_table(run_dir / "detections").to_pylist()}
-    again = pq.read_table(out / "cli-run" / "detections").sort_by("image_uri").to_pylist()
-    assert len(again) == 2
-    for other in again:
-        row = shortcut[other["image_uri"]]
-        assert len(row["boxes"]) > 0
-        assert_same_detections(other, {"boxes": torch.tensor(row["boxes"]).reshape(-1, 4),
-                                       "scores": torch.tensor(row["scores"]),
-                                       "labels": torch.tensor(row["labels"])})
 
 
 def test_readme_lists_every_option_that_help_prints():

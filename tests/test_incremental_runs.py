@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from deltalake import DeltaTable
+from parity import assert_same_detections
 from test_reliability import CrashingRun
 
-from detectflow import storage
+from detectflow import storage, workarounds
 from detectflow.config import REPO_ROOT
 from detectflow.table import RUN_ID_KEY, delta_options, read_table
 from examples.shapes.data import make_dataset
@@ -183,35 +184,42 @@ def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
     assert json.loads((out / "latest.json").read_text())["run_id"] == "killed"
 
 
-@pytest.mark.slow
-def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, images,
-                                                                  tmp_path, prefect_api,
-                                                                  ray_local):
+@pytest.fixture(scope="module")
+def halves(moto_server, nights, tmp_path_factory, prefect_api, prefect_db, ray_local):
     """Two `detectflow run` processes over two halves of a bucket into one output prefix on the
     loopback S3 (delta-rs commits with S3's conditional writes): one on a local Ray of its own,
-    the other on an existing cluster (the test worker's Ray)."""
+    the other on an existing cluster (the test worker's Ray). The photos are the nights' (as
+    night 3 found them).
+
+    Half a also runs with every start-up shortcut off (detectflow.workarounds): with no API
+    configured, so Prefect's own temporary server, the plain torchvision import, Ray's own
+    shutdown and no task-log flush; its detections are compared with the nights'."""
     import s3fs
 
+    tmp_path = tmp_path_factory.mktemp("halves")
     url = moto_server()
     fs = s3fs.S3FileSystem(endpoint_url=url)
     fs.mkdir("nightly")
-    for path in sorted((images / "in").rglob("*")):
+    for path in sorted(nights["in"].rglob("*")):
         if path.is_file():
-            fs.put_file(str(path), f"nightly/photos/{path.relative_to(images / 'in')}")
+            fs.put_file(str(path), f"nightly/photos/{path.relative_to(nights['in'])}")
+    (tmp_path / "prefect-a").mkdir()  # a database that exists already, as a user's second run
+    shutil.copy(prefect_db, tmp_path / "prefect-a" / "prefect.db")
+    extra = {"a": ([], {workarounds.OFF_ENV: "off"}),
+             # the existing cluster wants its token
+             "b": (["--ray-address", ray_local.get_runtime_context().gcs_address],
+                   {"PREFECT_API_URL": prefect_api, "RAY_AUTH_MODE": "token"})}
     procs = []
-    cluster = {"a": [], "b": ["--ray-address", ray_local.get_runtime_context().gcs_address]}
-    token = {"a": {}, "b": {"RAY_AUTH_MODE": "token"}}  # the existing cluster wants its token
     for half in ("a", "b"):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), PREFECT_API_URL=prefect_api,
-                   **token[half])
+        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), **extra[half][1])
         log = open(tmp_path / f"{half}.log", "wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",
              "--output", "s3://nightly/detections", "--model", SHAPES, "--weights", str(WEIGHTS),
              "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}",
-             "--num-actors", "1", "--s3-endpoint-url", url, *cluster[half]], cwd=REPO_ROOT,
+             "--num-actors", "1", "--s3-endpoint-url", url, *extra[half][0]], cwd=REPO_ROOT,
             env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 400
@@ -232,12 +240,35 @@ def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(moto_server, i
         history = DeltaTable(uri, storage_options=delta_options(uri)).history()
     finally:
         storage.configure(None)
+    return {"table": table, "history": history, "logs": logs}
+
+
+@pytest.mark.slow
+def test_two_runs_publishing_at_once_both_land_in_the_table_on_s3(halves, nights):
+    table = halves["table"]
     assert sorted(table["image_uri"].to_pylist()) == sorted(
-        f"s3://nightly/photos/{p.relative_to(images / 'in')}" for p in (images / "in").rglob("*")
+        f"s3://nightly/photos/{p.relative_to(nights['in'])}" for p in nights["in"].rglob("*")
         if p.is_file())
     assert sorted(table["run_id"].unique().to_pylist()) == ["half-a", "half-b"]
-    runs = [c.get(RUN_ID_KEY) for c in history]
+    runs = [c.get(RUN_ID_KEY) for c in halves["history"]]
     assert runs.count("half-a") == runs.count("half-b") == 1
+
+
+@pytest.mark.slow
+def test_every_workaround_off_gives_the_same_detections(halves, nights):
+    """Half a, every shortcut off, against the nights' rows (every shortcut on) for its photos."""
+    assert "Traceback" not in halves["logs"]["a"], halves["logs"]["a"][-3000:]
+    first = nights["runs"][0]["model"]["fingerprint"]
+    shortcut = {r["image_uri"]: r for r in read_table(str(nights["out"] / "table"), first)
+                .to_pylist()}
+    plain = [r for r in halves["table"].to_pylist() if r["run_id"] == "half-a"]
+    assert len(plain) == len(list((nights["in"] / "a").iterdir())) >= 2
+    assert any(r["boxes"] for r in plain)
+    for row in plain:
+        ref = shortcut[str(nights["in"] / row["image_uri"].removeprefix("s3://nightly/photos/"))]
+        assert_same_detections(row, {"boxes": torch.tensor(ref["boxes"]).reshape(-1, 4),
+                                     "scores": torch.tensor(ref["scores"]),
+                                     "labels": torch.tensor(ref["labels"])})
 
 
 def test_ground_truth_scores_skipped_images_by_their_rows_in_the_table(ray_local, prefect_api,
