@@ -17,50 +17,17 @@ from detectflow.errors import DetectflowError
 from detectflow.workarounds.api_server import TemporaryApiServer, listening_socket
 
 
-def test_holds_its_port_from_the_start_and_serves_early_clients(prefect_home, monkeypatch):
-    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))  # a migrated copy
-    server = TemporaryApiServer()
-    try:
-        # Bound before the server process has even imported Prefect: nothing can take the port
-        # (a run once failed when the port it had only found free was gone seconds later).
-        with socket.socket() as other, pytest.raises(OSError):
-            other.bind(("127.0.0.1", server.port))
-        # A client that connects this early waits in the backlog and is answered.
-        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as early:
-            early.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert early.recv(64).startswith(b"HTTP/1.1 200")
-        assert server.wait(120) == server.url
-        name = f"api-server-{uuid.uuid4().hex[:8]}"
-        with temporary_settings({PREFECT_API_URL: server.url}), \
-                get_client(sync_client=True) as client:
-            flow_id = client.create_flow_from_name(name)
-            assert client.read_flow(flow_id).name == name
-    finally:
-        server.stop()
-    assert server.process.returncode is not None
-    # And nothing listens there any more. (Not checked by binding the port again: once it is
-    # free, any outgoing connection on the machine may take it as its local end, as CI's once
-    # did, and the bind then fails with nothing of ours holding the port.)
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
-
-
-def test_registers_no_block_types_and_leaves_prefects_own_server_to_do_it(tmp_path, monkeypatch):
+def test_registers_no_block_types_and_leaves_prefects_own_server_to_do_it(released):
     """A run uses no blocks, so its server skips their registration (~1 s on a fresh database).
     It must not record the registration as done either: Prefect's own server, started later on
     the same database, still registers them. A new database: the tests' copies have them."""
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
-    server = TemporaryApiServer()
-    try:
-        with temporary_settings({PREFECT_API_URL: server.wait(120)}), \
-                get_client(sync_client=True) as client:
-            assert client.read_block_types() == []
-    finally:
-        server.stop()
-    assert not (tmp_path / "memo_store.toml").exists()
+    home = released["home"]
+    assert released["block_types"] == []
+    assert not (home / "memo_store.toml").exists()
 
     with listening_socket() as sock:
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0",  # and Prefect's defaults for the rest
+        env = {**os.environ, "PREFECT_HOME": str(home),
+               "PREFECT_UI_ENABLED": "0",  # and Prefect's defaults for the rest
                "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "1",
                "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "1"}
         prefects = subprocess.Popen(
@@ -73,7 +40,7 @@ def test_registers_no_block_types_and_leaves_prefects_own_server_to_do_it(tmp_pa
         with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
             slugs = {block_type.slug for block_type in client.read_block_types()}
         assert {"local-file-system", "secret"} <= slugs
-        assert (tmp_path / "memo_store.toml").exists()
+        assert (home / "memo_store.toml").exists()
     finally:
         prefects.terminate()
         prefects.wait(timeout=30)
@@ -120,7 +87,28 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_a_held_server_opens_no_database_until_released(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A held server in a new ``PREFECT_HOME``, released: what a run that passed its checks
+    has. Its database is new (the tests' copies have block types)."""
+    home = tmp_path_factory.mktemp("released")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("PREFECT_HOME", str(home))
+        server = TemporaryApiServer(held=True)
+    try:
+        server.release()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as client:
+            client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            health = client.recv(64)
+        with temporary_settings({PREFECT_API_URL: server.wait(120)}), \
+                get_client(sync_client=True) as api:
+            block_types = api.read_block_types()
+    finally:
+        server.stop()
+    return {"home": home, "health": health, "block_types": block_types}
+
+
+def test_a_held_server_opens_no_database_until_released(tmp_path, monkeypatch, released):
     """`detectflow run` holds its server while the run's own checks go on: built, it waits
     before its lifespan (migrations on a new database). A run that fails its checks stops a
     server that never touched the database; a run that passes them releases it."""
@@ -137,29 +125,41 @@ def test_a_held_server_opens_no_database_until_released(tmp_path, monkeypatch):
         server.stop()
     assert server.process.returncode == 0 and not (tmp_path / "stopped" / "prefect.db").exists()
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "released"))
-    server = TemporaryApiServer(held=True)
-    try:
-        server.release()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=120) as client:
-            client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert client.recv(64).startswith(b"HTTP/1.1 200")
-        assert (tmp_path / "released" / "prefect.db").exists()
-    finally:
-        server.stop()
+    assert released["health"].startswith(b"HTTP/1.1 200")
+    assert (released["home"] / "prefect.db").exists()
 
 
-def test_stops_when_the_run_that_started_it_is_killed(prefect_home):
-    """A run killed with SIGKILL (no atexit hook runs) leaves no server behind: it reads its
-    lifeline until the run is gone, then stops as on SIGTERM."""
-    code = ("import json; from detectflow.workarounds.api_server import TemporaryApiServer; "
-            "s = TemporaryApiServer(); s.wait(120); "
-            "print(json.dumps({'pid': s.process.pid}), flush=True); import time; time.sleep(600)")
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
-    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                           env=env)
+def test_holds_its_port_from_the_start_serves_early_clients_and_dies_with_its_run(
+        prefect_home):
+    """The server of a run (a process of its own here): its port is bound before the server
+    has even imported Prefect, so nothing can take it (a run once failed when the port it had
+    only found free was gone seconds later), and a client that connects this early waits in
+    the backlog and is answered. A run killed with SIGKILL (no atexit hook runs) leaves no
+    server behind: it reads its lifeline until the run is gone, then stops as on SIGTERM."""
+    code = ("import json, sys, time; from detectflow.workarounds.api_server import "
+            "TemporaryApiServer; s = TemporaryApiServer(); "
+            "print(json.dumps({'pid': s.process.pid, 'port': s.port}), flush=True); "
+            "sys.stdin.readline(); print(s.wait(120), flush=True); time.sleep(600)")
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}  # a migrated copy
+    run = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True, env=env)
     try:
-        server_pid = json.loads(run.stdout.readline())["pid"]
+        started = json.loads(run.stdout.readline())
+        server_pid, port = started["pid"], started["port"]
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as early:
+            early.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            run.stdin.write("\n")  # the run waits for its server only now
+            run.stdin.flush()
+            assert early.recv(64).startswith(b"HTTP/1.1 200")
+        url = run.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}/api"
+        name = f"api-server-{uuid.uuid4().hex[:8]}"
+        with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            flow_id = client.create_flow_from_name(name)
+            assert client.read_flow(flow_id).name == name
+
         assert _alive(server_pid)
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=30)
@@ -167,6 +167,11 @@ def test_stops_when_the_run_that_started_it_is_killed(prefect_home):
     finally:
         run.kill()
         run.wait()
+    # And nothing listens there any more. (Not checked by binding the port again: once it is
+    # free, any outgoing connection on the machine may take it as its local end, as CI's once
+    # did, and the bind then fails with nothing of ours holding the port.)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
 
 
 def _alive(pid: int) -> bool:
