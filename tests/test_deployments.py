@@ -239,7 +239,7 @@ def _worker_run(server, deployment: dict, parameters: dict) -> tuple[str, float]
 
 def _on_cluster(ray_local) -> dict:
     """Parameters that send a run to an existing Ray cluster, as a deployment for one sets
-    them: here the test worker's own Ray (the cancel tests' runs start a local Ray each)."""
+    them: here the test worker's own Ray (the worker's cancelled run starts a local Ray)."""
     return {"ray_address": ray_local.get_runtime_context().gcs_address, "ship_code": False}
 
 
@@ -477,19 +477,31 @@ def test_the_next_night_detects_only_what_is_new(served, worker_run, sample_dir)
 def test_served_deployments_keep_the_schedule_and_stop_a_cancelled_run(server, served,
                                                                        small_weights,
                                                                        tmp_path_factory,
-                                                                       many_photos):
+                                                                       many_photos, ray_local):
     """``make serve`` registers the nightly schedule, and a Cancel from the UI stops the served
-    run, and its Ray, while the process goes on serving."""
+    run while the process goes on serving. This run is on an existing cluster (the worker's
+    run above stopped a local Ray of its own): its actors go, the cluster stays."""
+    import ray._private.state  # the GCS's actor table: this Ray has no dashboard for the state API
+
+    def detectors() -> dict[str, str]:
+        return {id_: actor["State"] for id_, actor in ray._private.state.actors().items()
+                if "Detector" in actor["ActorClassName"]}
+
+    before = detectors()
     assert served["crons"] == [("0 2 * * *", True)]
     out = tmp_path_factory.mktemp("served-out")
     on_demand = server["client"].get("/deployments/name/detect-objects/on-demand").json()
     cancelled, seconds = _cancel_mid_detect(
         server, on_demand["id"],
         _params(out, "served-cancel", small_weights, input_uri=str(many_photos), shard_size=8,
-                num_actors=1),
+                num_actors=1, **_on_cluster(ray_local)),
         out / "served-cancel" / "_staging" / "detections", served["proc"], served["log"])
     print(f"\nserve: Cancel → Cancelled in {seconds:.1f} s")
     _assert_cancelled_and_stopped(server, cancelled, seconds,
                                   {served["proc"].pid} | server_pid(server), served["log"])
     assert served["proc"].poll() is None
     assert not (out / "served-cancel" / "manifest.json").exists()
+    left = settled(lambda: {i: s for i, s in detectors().items() if i not in before},
+                   lambda new: new and all(s == "DEAD" for s in new.values()), timeout=20)
+    assert left and set(left.values()) == {"DEAD"}, left  # the run's pool existed, and died
+    assert ray_local.is_initialized() and ray_local.cluster_resources().get("CPU") == 2
