@@ -1,41 +1,15 @@
 """The local Ray a run starts: its warmed worker takes the first task, and its shutdown leaves
-nothing running. Each check starts a Ray of its own in a fresh interpreter: the session's Ray
-(conftest) must not be the one stopped."""
+nothing running. One Ray of its own, started and stopped in a fresh interpreter, serves both
+checks: the session's Ray (conftest) must not be the one stopped."""
 
+import pytest
 from fresh import run_fresh
 
 
-def test_shutdown_stops_every_process_of_a_local_ray():
-    out = run_fresh("""
-        import json, os, ray
-        from detectflow import raycluster
-        raycluster.connect(None, {})
-        ray.get(raycluster.warm_workers(1))  # a worker of the job too, not only Ray's own
-        node = ray._private.worker._global_node
-        pids = {kind: [i.process.pid for i in infos] for kind, infos in node.all_processes.items()}
-        raycluster.shutdown()
-
-        def running(pid):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-            except OSError:
-                return False
-
-        print(json.dumps({"pids": pids, "initialized": ray.is_initialized(),
-                          "running": [p for ps in pids.values() for p in ps if running(p)]}))
-        """, timeout=180)
-    # The monitor is the process stopped early; the others are stopped by Ray's own shutdown.
-    assert {"monitor", "raylet", "gcs_server"} <= set(out["pids"]), out["pids"]
-    assert out["running"] == []
-    assert out["initialized"] is False
-
-
-def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
-    """Submitted while the warm-up still imports, it would start a cold worker instead. The
-    job's environment is the workers' own, so the workers Ray starts with a node (one per CPU)
-    serve it: no runtime_env of its own, and no worker beyond those."""
-    out = run_fresh("""
+@pytest.fixture(scope="module")
+def local_ray():
+    """A run's local Ray, from its start (the warm-up) to its shutdown, in a fresh interpreter."""
+    return run_fresh("""
         import json, os, ray
         from detectflow import orchestration, raycluster
         env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
@@ -59,7 +33,8 @@ def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
                     gc.get_freeze_count())
 
         first = ray.get(pid.remote())
-        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        node = ray._private.worker._global_node
+        raylet = node.all_processes["raylet"][0].process.pid
         workers = []
         for entry in os.listdir("/proc"):
             try:
@@ -71,13 +46,44 @@ def test_first_task_after_the_warm_up_runs_on_the_warmed_worker():
                 continue
             if ppid == raylet and name.startswith("ray::") and not name.endswith("Agent"):
                 workers.append(int(entry))
-        print(json.dumps({"warmed": warmed, "first_task": first, "workers": workers,
-                          "cpus": ray.cluster_resources()["CPU"],
-                          "task_env": orchestration.task_runtime_env(env),
-                          "driver_env": [before, os.environ.get("PREFECT_API_URL")],
-                          "later": ray.get(after_background_import.remote())}))
+        found = {"warmed": warmed, "first_task": first, "workers": workers,
+                 "cpus": ray.cluster_resources()["CPU"],
+                 "task_env": orchestration.task_runtime_env(env),
+                 "driver_env": [before, os.environ.get("PREFECT_API_URL")],
+                 "later": ray.get(after_background_import.remote())}
+
+        # Every process of this Ray, the workers of the job among them, then its shutdown.
+        pids = {kind: [i.process.pid for i in infos] for kind, infos in node.all_processes.items()}
+        pids["job workers"] = workers
         raycluster.shutdown()
+
+        def running(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        print(json.dumps(found | {
+            "pids": pids, "initialized": ray.is_initialized(),
+            "running": [p for ps in pids.values() for p in ps if running(p)]}))
         """, timeout=180)
+
+
+def test_shutdown_stops_every_process_of_a_local_ray(local_ray):
+    out = local_ray
+    # The monitor is the process stopped early; the others are stopped by Ray's own shutdown.
+    assert {"monitor", "raylet", "gcs_server"} <= set(out["pids"]), out["pids"]
+    assert out["pids"]["job workers"]  # a worker of the job too, not only Ray's own
+    assert out["running"] == []
+    assert out["initialized"] is False
+
+
+def test_first_task_after_the_warm_up_runs_on_the_warmed_worker(local_ray):
+    """Submitted while the warm-up still imports, it would start a cold worker instead. The
+    job's environment is the workers' own, so the workers Ray starts with a node (one per CPU)
+    serve it: no runtime_env of its own, and no worker beyond those."""
+    out = local_ray
     assert len(out["warmed"]) == 1
     first_pid, api_url, runtime_env = out["first_task"]
     assert first_pid == out["warmed"][0]
