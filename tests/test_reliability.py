@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 PHOTOS = 12  # copies of the bundled photos: 6 shards of 2
 # Results stream back per block of decoded images (16): more than two blocks leave time to kill
-# the inference actor once the first results are staged and before the last ones are.
+# an inference actor once the first results are staged and before the last ones are.
 MANY = 40
 
 
@@ -45,11 +44,6 @@ def _copies(folder: Path, sample_dir: Path, n: int) -> Path:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory, sample_dir) -> Path:
     return _copies(tmp_path_factory.mktemp("photos"), sample_dir, PHOTOS)
-
-
-@pytest.fixture(scope="module")
-def many_photos(tmp_path_factory, sample_dir) -> Path:
-    return _copies(tmp_path_factory.mktemp("many-photos"), sample_dir, MANY)
 
 
 def _params(input_uri, output_uri, weights, run_id, **extra) -> dict:
@@ -84,91 +78,6 @@ def _sidecars(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "_staging" / "detections").glob("shard-*.json"))
 
 
-# --- a killed inference actor ----------------------------------------------------------------
-
-
-def _alive_detector() -> dict | None:
-    """The inference actor of the running Ray Data pipeline. The GCS actor table is read
-    directly: the state API needs the dashboard, which the test cluster does not start."""
-    import ray._private.state
-
-    for actor in ray._private.state.actors().values():
-        if "MapWorker" in actor["ActorClassName"] and actor["State"] == "ALIVE" and actor["Pid"]:
-            return actor
-    return None
-
-
-@pytest.fixture(scope="module")
-def killed_actor_run(many_photos, ray_local, prefect_api, small_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shared-prefix")
-    run_dir = out / "killed-actor"
-    killed: dict = {}
-    done = threading.Event()
-
-    def kill_once_shards_are_staged() -> None:
-        deadline = time.monotonic() + 400
-        while not done.is_set() and time.monotonic() < deadline:
-            staged = len(_sidecars(run_dir))
-            try:
-                actor = _alive_detector() if staged else None
-            except Exception as exc:
-                killed["error"] = repr(exc)
-                actor = None
-            if actor:
-                os.kill(actor["Pid"], signal.SIGKILL)
-                killed.update(actor=actor, staged_at_kill=staged)
-                return
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_once_shards_are_staged, daemon=True)
-    killer.start()
-    try:
-        # The default pool: the other actor goes on while Ray Data restarts the killed one.
-        state = detect_objects(**_params(many_photos, out, small_weights, "killed-actor",
-                                         shard_size=4, batch_size=2, num_actors=None),
-                               return_state=True)
-    finally:
-        done.set()
-        killer.join(10)
-    assert state.is_completed(), state.message
-    return {"out": out, "run_dir": run_dir, "killed": killed}
-
-
-@pytest.mark.slow
-def test_killed_inference_actor_the_run_completes_with_every_image_once(killed_actor_run,
-                                                                       many_photos):
-    import ray._private.state
-
-    killed = killed_actor_run["killed"]
-    assert "actor" in killed, f"the inference actor was never seen alive mid-run: {killed}"
-    assert killed["staged_at_kill"] < MANY // 4  # killed mid-run, not after the last shard
-    after = ray._private.state.actors(killed["actor"]["ActorID"])
-    assert after["NumRestarts"] >= 1  # Ray restarted it and re-ran its lost batch
-    manifest, rows = _published(killed_actor_run["run_dir"])
-    _assert_every_image_once(rows, many_photos)
-    assert manifest["counts"]["images"] == MANY and manifest["resume"]["images_inferred"] == MANY
-
-
-@pytest.mark.slow
-def test_two_run_ids_in_one_prefix_never_touch_each_others_files(killed_actor_run, sample_dir,
-                                                                 small_weights):
-    out, run_a = killed_actor_run["out"], killed_actor_run["run_dir"]
-    a_before = _snapshot(run_a)
-    state = detect_objects(**_params(sample_dir, out, small_weights, "second-run"),
-                           return_state=True)
-    assert state.is_completed(), state.message
-    assert _snapshot(run_a) == a_before
-    b_before = _snapshot(out / "second-run")
-    again = detect_objects(**_params(sample_dir, out, small_weights, "killed-actor"))
-    assert again["run_id"] == "killed-actor"
-    assert _snapshot(run_a) == a_before and _snapshot(out / "second-run") == b_before
-    # Each run's own folder, and the table both merged into.
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["killed-actor", "second-run",
-                                                                   "table"]
-    _, rows = _published(out / "second-run")
-    assert {r["run_id"] for r in rows} == {"second-run"} and len(rows) == 5
-
-
 # --- a transient S3 outage, and a killed actor through the command ------------------------------
 
 
@@ -188,7 +97,8 @@ def _attempts_of_one_write(endpoint: str) -> int:
 def faulty_run(s3, sample_dir, small_weights, tmp_path_factory, prefect_api):
     """`detectflow run` from and to S3, reporting to the test's Prefect API: S3 refuses the
     listing's writes as often as one write retries on its own (so only Prefect's task retry
-    recovers), and an inference actor is SIGKILLed once shards are staged."""
+    recovers), and one inference actor of the default pool is SIGKILLed once shards are staged
+    (Ray Data restarts it and re-runs its lost batch while the other goes on)."""
     fs = s3fs.S3FileSystem(endpoint_url=s3)
     originals = sorted(sample_dir.glob("*.jpg"))
     for i in range(MANY):
@@ -207,11 +117,11 @@ def faulty_run(s3, sample_dir, small_weights, tmp_path_factory, prefect_api):
              "--batch-size", "2", "--s3-endpoint-url", proxy.url, "--run-id", "terminal"],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
-        killed = None
+        killed, staged_at_kill = None, 0
         deadline = time.monotonic() + 300
         while killed is None and proc.poll() is None and time.monotonic() < deadline:
             fs.invalidate_cache()
-            if fs.glob(staged):
+            if staged_at_kill := len(fs.glob(staged)):
                 killed = _kill_detector_of_session(proc.pid)
             time.sleep(0.05)
         stdout, stderr = proc.communicate(timeout=600)
@@ -220,9 +130,13 @@ def faulty_run(s3, sample_dir, small_weights, tmp_path_factory, prefect_api):
         (flow_run,) = [r for r in client.read_flow_runs()
                        if r.parameters.get("run_id") == "terminal"]
         task_runs = completed_task_runs(client, flow_run.id, 7)
+    run_dir = "detectflow-out/terminal/terminal"
+    manifest = json.loads(fs.cat_file(f"{run_dir}/manifest.json"))
+    rows = [r for f in manifest["output"]["files"]
+            for r in pq.read_table(fs.open(f"{run_dir}/{f['path']}", "rb")).to_pylist()]
     return {"stdout": stdout, "stderr": stderr, "killed": killed, "attempts": attempts,
-            "refused": list(proxy.refused), "passed": list(proxy.passed), "task_runs": task_runs,
-            "manifest": json.loads(fs.cat_file("detectflow-out/terminal/terminal/manifest.json"))}
+            "staged_at_kill": staged_at_kill, "manifest": manifest, "rows": rows,
+            "refused": list(proxy.refused), "passed": list(proxy.passed), "task_runs": task_runs}
 
 
 @pytest.mark.slow
@@ -235,6 +149,18 @@ def test_transient_s3_outage_is_ridden_out_by_prefects_task_retry(faulty_run):
     assert all(t.state.is_completed() for t in faulty_run["task_runs"])
     manifest = faulty_run["manifest"]
     assert manifest["counts"]["images"] == manifest["output"]["rows"] == MANY
+
+
+@pytest.mark.slow
+def test_killed_inference_actor_the_run_completes_with_every_image_once(faulty_run):
+    assert faulty_run["killed"], "the inference actor was never seen alive mid-run"
+    assert faulty_run["staged_at_kill"] < MANY // 4  # killed mid-run, not after the last shard
+    manifest, rows = faulty_run["manifest"], faulty_run["rows"]
+    uris = [r["image_uri"] for r in rows]
+    assert sorted(uris) == [f"s3://detectflow-in/terminal/photo-{i:02d}.jpg" for i in range(MANY)]
+    assert all(r["error"] is None for r in rows)
+    assert manifest["resources"]["num_actors"] == 2  # the default pool: one actor went on
+    assert manifest["counts"]["images"] == MANY and manifest["resume"]["images_inferred"] == MANY
 
 
 @pytest.mark.slow
@@ -325,9 +251,10 @@ class CrashingRun:
         self.proc.wait(timeout=60)
 
 
-@pytest.mark.slow
-def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once(
-        tmp_path, sample_dir, small_weights, ray_local, prefect_api):
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory, sample_dir, small_weights, ray_local, prefect_api):
+    """A run SIGKILLed just before its manifest, then run again (in this process) to the end."""
+    tmp_path = tmp_path_factory.mktemp("crash")
     out, run_dir = tmp_path / "out", tmp_path / "out" / "crash"
     run = CrashingRun(tmp_path, ["--input", str(sample_dir), "--output", str(out), "--model",
                                  SMALL, "--weights", str(small_weights), "--score-threshold",
@@ -336,14 +263,24 @@ def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once
                       "before-manifest", prefect_api)
     run.wait_for_failpoint()
     run.kill()
-    assert run.proc.returncode == -signal.SIGKILL
-    parts = sorted(p.name for p in (run_dir / "detections").iterdir())
-    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    assert not (run_dir / "manifest.json").exists()  # readers see no run at all
-
+    killed = {"returncode": run.proc.returncode,
+              "parts": sorted(p.name for p in (run_dir / "detections").iterdir()),
+              "manifest": (run_dir / "manifest.json").exists()}
     state = detect_objects(**_params(sample_dir, out, small_weights, "crash", shard_size=2),
                            return_state=True)
     assert state.is_completed(), state.message
+    return {"out": out, "run_dir": run_dir, "killed": killed}
+
+
+@pytest.mark.slow
+def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once(crashed,
+                                                                                sample_dir):
+    run_dir, killed = crashed["run_dir"], crashed["killed"]
+    assert killed["returncode"] == -signal.SIGKILL
+    parts = killed["parts"]
+    assert parts == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert not killed["manifest"]  # readers see no run at all
+
     manifest, rows = _published(run_dir)
     _assert_every_image_once(rows, sample_dir)
     assert [f["path"] for f in manifest["output"]["files"]] == [f"detections/{p}" for p in parts]
@@ -354,6 +291,25 @@ def test_crash_before_the_manifest_leaves_no_manifest_and_a_rerun_publishes_once
                                   "images_inferred": 0}
     for entry in manifest["output"]["files"]:
         assert entry["sha256"] == storage.sha256_file(str(run_dir / entry["path"]))
+
+
+@pytest.mark.slow
+def test_two_run_ids_in_one_prefix_never_touch_each_others_files(crashed, sample_dir,
+                                                                 small_weights):
+    out, run_a = crashed["out"], crashed["run_dir"]
+    a_before = _snapshot(run_a)
+    state = detect_objects(**_params(sample_dir, out, small_weights, "second-run"),
+                           return_state=True)
+    assert state.is_completed(), state.message
+    assert _snapshot(run_a) == a_before
+    b_before = _snapshot(out / "second-run")
+    again = detect_objects(**_params(sample_dir, out, small_weights, "crash"))
+    assert again["run_id"] == "crash"
+    assert _snapshot(run_a) == a_before and _snapshot(out / "second-run") == b_before
+    # Each run's own folder, and the table both merged into.
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["crash", "second-run", "table"]
+    _, rows = _published(out / "second-run")
+    assert {r["run_id"] for r in rows} == {"second-run"} and len(rows) == 5
 
 
 @pytest.mark.slow
