@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,14 +28,19 @@ STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "export",
 
 @pytest.fixture(scope="module")
 def run(ray_local, prefect_api, sample_dir, small_weights, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
+    """The bundled photos, detected into a folder inside their own (``--input photos --output
+    photos/results``): the run must not list its own output as input."""
+    photos = tmp_path_factory.mktemp("photos")
+    for path in sample_dir.glob("*.jpg"):
+        shutil.copy(path, photos / path.name)
+    out = photos / "results"
     state = detect_objects(
-        input_uri=str(sample_dir), output_uri=str(out), model=SMALL, weights=str(small_weights),
+        input_uri=str(photos), output_uri=str(out), model=SMALL, weights=str(small_weights),
         score_threshold=0.3, batch_size=2, run_id="flow-test", exports=["yolo"],
         return_state=True,
     )
     assert state.is_completed(), state.message
-    return {"state": state, "result": state.result(), "dir": out / "flow-test"}
+    return {"state": state, "result": state.result(), "dir": out / "flow-test", "input": photos}
 
 
 def _read_table(run_dir):
@@ -43,7 +49,7 @@ def _read_table(run_dir):
     return manifest, tables
 
 
-def test_outputs_exist_and_parquet_reads_back(run, sample_dir):
+def test_outputs_exist_and_parquet_reads_back(run):
     run_dir = run["dir"]
     assert sorted(os.listdir(run_dir)) == ["detections", "exports", "manifest.json", "samples"]
     manifest, tables = _read_table(run_dir)
@@ -51,7 +57,7 @@ def test_outputs_exist_and_parquet_reads_back(run, sample_dir):
     assert table.schema.equals(DETECTION_SCHEMA, check_metadata=False)
     assert table.schema.metadata[b"detectflow.run_id"] == b"flow-test"
     rows = table.to_pylist()
-    assert [r["image_uri"] for r in rows] == sorted(str(p) for p in sample_dir.glob("*.jpg"))
+    assert [r["image_uri"] for r in rows] == sorted(str(p) for p in run["input"].glob("*.jpg"))
     assert all(r["error"] is None and r["model"] == SMALL and r["run_id"] == "flow-test"
                for r in rows)
     assert sum(len(r["boxes"]) for r in rows) > 0
@@ -150,35 +156,30 @@ def test_latest_pointer_names_the_published_run(run):
     assert latest["images"] == 5
 
 
-def test_rerun_of_a_published_run_changes_nothing(run, sample_dir, small_weights):
+def test_rerun_of_a_published_run_changes_nothing(run, small_weights):
     before = {p: p.stat().st_mtime_ns for p in run["dir"].rglob("*")}
-    again = detect_objects(input_uri=str(sample_dir), output_uri=str(run["dir"].parent),
+    again = detect_objects(input_uri=str(run["input"]), output_uri=str(run["dir"].parent),
                            model=SMALL, weights=str(small_weights), run_id="flow-test")
     assert again["run_id"] == "flow-test"
     assert {p: p.stat().st_mtime_ns for p in run["dir"].rglob("*")} == before
 
 
-def test_a_run_never_lists_the_samples_an_earlier_run_drew_inside_its_input(
-        ray_local, prefect_api, sample_dir, small_weights, tmp_path):
+def test_a_run_never_lists_the_samples_an_earlier_run_drew_inside_its_input(run, small_weights):
     """Output inside the input (``--input photos --output photos/results``): the first run
-    draws its samples there, and the second, writing to another output prefix inside the
+    drew its samples there, and a second one, writing to another output prefix inside the
     input, must still list only the photos: a folder holding a run is never input."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("chelsea.jpg", "coffee.jpg"):
-        (photos / name).write_bytes((sample_dir / name).read_bytes())
-    results = photos / "results"
-    for run_id, output in (("first", results), ("second", photos / "other")):
-        state = detect_objects(input_uri=str(photos), output_uri=str(output), model=SMALL,
-                               weights=str(small_weights), run_id=run_id, sample_size=2,
-                               num_actors=1, return_state=True)
-        assert state.is_completed(), state.message
-    assert len(list((results / "first" / "samples").glob("*.png"))) == 2
+    photos = run["input"]
+    assert len(list((run["dir"] / "samples").glob("*.png"))) == 4
+    assert run["result"]["input"]["skipped"]["run_output"] == 1  # its own, holding the lease
+    state = detect_objects(input_uri=str(photos), output_uri=str(photos / "other"), model=SMALL,
+                           weights=str(small_weights), run_id="second", sample_size=2,
+                           num_actors=1, return_state=True)
+    assert state.is_completed(), state.message
     manifest, tables = _read_table(photos / "other" / "second")
     # Two run folders left out: the first run's, and this run's own (it holds the run's lease).
-    assert manifest["counts"]["images"] == 2 and manifest["input"]["skipped"]["run_output"] == 2
-    assert tables[0].column("image_uri").to_pylist() == [str(photos / "chelsea.jpg"),
-                                                         str(photos / "coffee.jpg")]
+    assert manifest["counts"]["images"] == 5 and manifest["input"]["skipped"]["run_output"] == 2
+    assert tables[0].column("image_uri").to_pylist() == sorted(str(p)
+                                                               for p in photos.glob("*.jpg"))
 
 
 def test_empty_input_fails_the_run_with_one_clear_line(ray_local, prefect_api, tmp_path,
