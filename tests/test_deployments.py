@@ -217,23 +217,31 @@ def test_bad_parameter_is_refused_before_the_run_starts(server, deployed, field,
     assert f"field '{field}'" in response.json()["detail"]
 
 
-def _worker_run(server, deployment: dict, parameters: dict) -> tuple[str, float]:
-    """A run created as the UI (or the scheduler) creates it, picked up by ``prefect worker
-    start --run-once``; its id and seconds from creation to Completed."""
+@pytest.fixture(scope="module")
+def worker(server, deployed):
+    """``make worker``: a process worker of the pool, for the worker's runs below; stopped
+    before the deployments are served (``served``), so that only the served process picks
+    up runs from there on."""
+    log_path = server["home"] / "worker.log"
+    proc = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "detectflow"],
+                            env=server["env"], cwd=ROOT, stdout=open(log_path, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield {"proc": proc, "log": log_path}
+    finally:
+        _stop(proc)
+
+
+def _worker_run(server, worker, deployment: dict, parameters: dict) -> tuple[str, float]:
+    """A run created as the UI (or the scheduler) creates it, picked up by the worker; its id
+    and seconds from creation to Completed."""
     response = _create_run(server, deployment["id"], parameters)
     assert response.status_code == 201, response.text
     flow_run_id = response.json()["id"]
-    log = open(server["home"] / "worker.log", "ab")
     started = time.monotonic()
-    worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "detectflow", "--run-once"],
-                              env=server["env"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        run = _wait_terminal(server, flow_run_id, worker, timeout=480)
-        seconds = time.monotonic() - started
-    finally:
-        _stop(worker)
-    assert run["state_type"] == "COMPLETED", (server["home"] / "worker.log").read_text()[-4000:]
+    run = _wait_terminal(server, flow_run_id, worker["proc"], timeout=480)
+    seconds = time.monotonic() - started
+    assert run["state_type"] == "COMPLETED", worker["log"].read_text()[-4000:]
     return flow_run_id, seconds
 
 
@@ -244,11 +252,11 @@ def _on_cluster(ray_local) -> dict:
 
 
 @pytest.fixture(scope="module")
-def worker_run(server, deployed, small_weights, ray_local, tmp_path_factory):
+def worker_run(server, deployed, worker, small_weights, ray_local, tmp_path_factory):
     """A run of the nightly deployment, created as its schedule creates one (the deployment's
     parameters, here with this test's output and model, on an existing Ray cluster)."""
     out = tmp_path_factory.mktemp("deployed-out")
-    flow_run_id, seconds = _worker_run(server, deployed["nightly"],
+    flow_run_id, seconds = _worker_run(server, worker, deployed["nightly"],
                                        _params(out, "from-deployment", small_weights,
                                                num_actors=1, **_on_cluster(ray_local)))
     print(f"\ntrigger → Completed through a process worker: {seconds:.1f} s")
@@ -397,24 +405,18 @@ def _assert_cancelled_and_stopped(server, run: dict, seconds: float, keep: set[i
 
 
 @pytest.mark.slow
-def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, small_weights, many_photos,
-                                                     tmp_path_factory):
+def test_cancelling_from_the_ui_stops_a_workers_run(server, deployed, worker, small_weights,
+                                                     many_photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("cancel-worker")
-    log_path = server["home"] / "cancel-worker.log"
-    worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "detectflow"],
-                              env=server["env"], cwd=ROOT, stdout=open(log_path, "wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        run, seconds = _cancel_mid_detect(
-            server, deployed["on-demand"]["id"],
-            _params(out, "cancel-me", small_weights, input_uri=str(many_photos), shard_size=8,
-                    num_actors=1),
-            out / "cancel-me" / "_staging" / "detections", worker, log_path)
-        print(f"\nworker: Cancel → Cancelled in {seconds:.1f} s")
-        _assert_cancelled_and_stopped(server, run, seconds, {worker.pid} | server_pid(server),
-                                      log_path)
-    finally:
-        _stop(worker)
+    run, seconds = _cancel_mid_detect(
+        server, deployed["on-demand"]["id"],
+        _params(out, "cancel-me", small_weights, input_uri=str(many_photos), shard_size=8,
+                num_actors=1),
+        out / "cancel-me" / "_staging" / "detections", worker["proc"], worker["log"])
+    print(f"\nworker: Cancel → Cancelled in {seconds:.1f} s")
+    _assert_cancelled_and_stopped(server, run, seconds, {worker["proc"].pid} | server_pid(server),
+                                  worker["log"])
+    assert worker["proc"].poll() is None  # and the worker goes on
     assert not (out / "cancel-me" / "manifest.json").exists()
 
 
@@ -427,10 +429,11 @@ def server_pid(server) -> set[int]:
 # worker's runs, and of worker_run's output (the second night moves latest.json and emits a
 # second event).
 @pytest.fixture(scope="module")
-def served(server, deployed, worker_run, small_weights, ray_local):
+def served(server, deployed, worker, worker_run, small_weights, ray_local):
     """``make serve``: the same deployments, executed by a long-running process (no worker runs
     from here on, so only the served process can pick a run up). Its first run is the nightly
     deployment's second night, created as the schedule creates one."""
+    _stop(worker["proc"])
     log_path = server["home"] / "serve.log"
     serve = subprocess.Popen([sys.executable, "deployments/serve.py"], env=server["env"],
                              cwd=ROOT, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,

@@ -147,10 +147,13 @@ def test_new_weights_detect_every_image_again_beside_the_first_models_rows(night
 def test_a_run_killed_between_manifest_and_merge_is_merged_once_by_its_rerun(
         ray_local, prefect_api, images, tmp_path):
     inp, out = images / "in", tmp_path / "out"
+    # On an existing cluster (the test worker's Ray): the failpoint is in the flow's own
+    # process, which is all the kill takes (a local Ray's crash: test_reliability).
     args = ["--input", str(inp), "--output", str(out), "--model", SHAPES, "--weights",
             str(WEIGHTS), "--incremental", "--score-threshold", "0.3", "--run-id", "killed",
-            "--num-actors", "1"]
-    run = CrashingRun(tmp_path, args, "before-merge", prefect_api)
+            "--num-actors", "1", "--ray-address", ray_local.get_runtime_context().gcs_address,
+            "--no-ship-code"]
+    run = CrashingRun(tmp_path, args, "before-merge", prefect_api, RAY_AUTH_MODE="token")
     run.wait_for_failpoint()
     run.kill()
     assert (out / "killed" / "manifest.json").exists() and not (out / "table").exists()

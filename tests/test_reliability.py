@@ -211,13 +211,14 @@ class CrashingRun:
     """`detectflow run` in its own session, frozen at a failpoint, then SIGKILLed with every
     process it started (its local Ray included)."""
 
-    def __init__(self, tmp_path: Path, args: list[str], failpoint: str, api: str) -> None:
+    def __init__(self, tmp_path: Path, args: list[str], failpoint: str, api: str,
+                 **env_vars: str) -> None:
         # Reporting to the test's Prefect API, as with a server: the run's own temporary server
         # and its death with the run are tests/test_api_server.py's.
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
         env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api,
-                   DETECTFLOW_TEST_FAILPOINT=failpoint)
+                   DETECTFLOW_TEST_FAILPOINT=failpoint, **env_vars)
         self.log = tmp_path / "run.log"
         self.failpoint = failpoint
         with open(self.log, "wb") as log:
