@@ -8,9 +8,16 @@ import torch
 from torchvision.ops import box_iou
 
 
+def as_prediction(row: dict) -> dict:
+    """A detection row as the model returns its prediction: tensors of boxes, scores, labels."""
+    return {"boxes": torch.tensor(row["boxes"]).reshape(-1, 4),
+            "scores": torch.tensor(row["scores"]),
+            "labels": torch.tensor(row["labels"], dtype=torch.int64)}
+
+
 def assert_same_detections(row: dict, ref: dict, iou: float = 0.99, score_tol: float = 1e-3):
-    boxes, scores = torch.tensor(row["boxes"]).reshape(-1, 4), torch.tensor(row["scores"])
-    labels = torch.tensor(row["labels"], dtype=torch.int64)
+    found = as_prediction(row)
+    boxes, scores, labels = found["boxes"], found["scores"], found["labels"]
     assert len(boxes) == len(ref["boxes"]), (len(boxes), len(ref["boxes"]))
     assert sorted(labels.tolist()) == sorted(ref["labels"].tolist())
     if not len(boxes):

@@ -16,6 +16,8 @@ from settle import settled
 from detectflow.errors import DetectflowError
 from detectflow.workarounds.api_server import TemporaryApiServer, listening_socket
 
+HEALTH = b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
 
 def test_registers_no_block_types_and_leaves_prefects_own_server_to_do_it(released):
     """A run uses no blocks, so its server skips their registration (~1 s on a fresh database).
@@ -98,7 +100,7 @@ def released(tmp_path_factory):
     try:
         server.release()
         with socket.create_connection(("127.0.0.1", server.port), timeout=120) as client:
-            client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            client.sendall(HEALTH)
             health = client.recv(64)
         with temporary_settings({PREFECT_API_URL: server.wait(120)}), \
                 get_client(sync_client=True) as api:
@@ -149,7 +151,7 @@ def test_holds_its_port_from_the_start_serves_early_clients_and_dies_with_its_ru
         with socket.socket() as other, pytest.raises(OSError):
             other.bind(("127.0.0.1", port))
         with socket.create_connection(("127.0.0.1", port), timeout=120) as early:
-            early.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            early.sendall(HEALTH)
             run.stdin.write("\n")  # the run waits for its server only now
             run.stdin.flush()
             assert early.recv(64).startswith(b"HTTP/1.1 200")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from deltalake import DeltaTable
-from parity import assert_same_detections
+from parity import as_prediction, assert_same_detections
 from test_reliability import CrashingRun
 
 from detectflow import storage, workarounds
@@ -191,21 +191,21 @@ def halves(moto_server, nights, tmp_path_factory, prefect_api, prefect_db, ray_l
             fs.put_file(str(path), f"nightly/photos/{path.relative_to(nights['in'])}")
     (tmp_path / "prefect-a").mkdir()  # a database that exists already, as a user's second run
     shutil.copy(prefect_db, tmp_path / "prefect-a" / "prefect.db")
-    extra = {"a": ([], {workarounds.OFF_ENV: "off"}),
-             # the existing cluster wants its token
-             "b": (["--ray-address", ray_local.get_runtime_context().gcs_address],
-                   {"PREFECT_API_URL": prefect_api, "RAY_AUTH_MODE": "token"})}
+    args = {"a": [], "b": ["--ray-address", ray_local.get_runtime_context().gcs_address]}
+    extra_env = {"a": {workarounds.OFF_ENV: "off"},
+                 # the existing cluster wants its token
+                 "b": {"PREFECT_API_URL": prefect_api, "RAY_AUTH_MODE": "token"}}
     procs = []
     for half in ("a", "b"):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PREFECT_API", "RAY_ADDRESS"))}
-        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), **extra[half][1])
+        env.update(PREFECT_HOME=str(tmp_path / f"prefect-{half}"), **extra_env[half])
         log = open(tmp_path / f"{half}.log", "wb")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "detectflow", "run", "--input", f"s3://nightly/photos/{half}",
              "--output", "s3://nightly/detections", "--model", SHAPES, "--weights", str(WEIGHTS),
              "--incremental", "--score-threshold", "0.3", "--run-id", f"half-{half}",
-             "--num-actors", "1", "--s3-endpoint-url", url, *extra[half][0]], cwd=REPO_ROOT,
+             "--num-actors", "1", "--s3-endpoint-url", url, *args[half]], cwd=REPO_ROOT,
             env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + 400
@@ -252,9 +252,7 @@ def test_every_workaround_off_gives_the_same_detections(halves, nights):
     assert any(r["boxes"] for r in plain)
     for row in plain:
         ref = shortcut[str(nights["in"] / row["image_uri"].removeprefix("s3://nightly/photos/"))]
-        assert_same_detections(row, {"boxes": torch.tensor(ref["boxes"]).reshape(-1, 4),
-                                     "scores": torch.tensor(ref["scores"]),
-                                     "labels": torch.tensor(ref["labels"])})
+        assert_same_detections(row, as_prediction(ref))
 
 
 @pytest.fixture(scope="module")
