@@ -159,7 +159,7 @@ class RunConfig(BaseModel):
     # Advanced: the pool, the model's layout and the cluster; the defaults suit most runs.
     num_actors: Annotated[int | None, ADVANCED, Field(
         ge=1, description="Inference actors; empty = one per GPU, or one per core on one "
-                          "CPU-only machine, never more than the images make batches.",
+                          "CPU-only machine, never more than the images can keep busy.",
     )] = None
     max_actors: Annotated[int | None, ADVANCED, Field(
         ge=1, description="Let the actor pool grow up to N (num_actors, or 1, is the minimum).",

@@ -113,8 +113,8 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1,
     GPU actors (one per ``gpus_per_actor`` of the cluster's GPUs, unless a pool size is given)
     when the cluster has GPUs, else CPU actors: on one machine one per core (up to
     ``MAX_AUTO_CPU_ACTORS``), on a multi-node CPU cluster 1 by default. A pool sized
-    automatically has no more actors than ``images`` (those to infer) make batches: each one
-    loads a model. Decoding gets the CPUs the actors leave; it must get at least
+    automatically has no more actors than ``images`` (those to infer) fill decoded blocks: Ray
+    Data hands an actor whole blocks, so an actor beyond them would load a model for nothing. Decoding gets the CPUs the actors leave; it must get at least
     ``decode_cpus``, or the pipeline could never make progress.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
@@ -122,10 +122,12 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1,
         raise ConfigError("device=cuda was requested but the Ray cluster has no GPU")
     gpu = cfg.device != "cpu" and gpus > 0 and cfg.gpus_per_actor > 0
     batch_size = cfg.batch_size or (GPU_BATCH if gpu else CPU_BATCH)
-    batches = -(-images // batch_size) if images else None
+    # A block is DECODE_BATCH images, or a batch where batches are larger (Ray Data bundles
+    # blocks up to the batch size before it picks an actor).
+    blocks = -(-images // max(DECODE_BATCH, batch_size)) if images else None
 
     def auto(size: int) -> int:
-        return max(1, min(size, batches or size))
+        return max(1, min(size, blocks or size))
 
     if gpu:
         low, high = _pool_bounds(cfg, auto(int(gpus // cfg.gpus_per_actor)))

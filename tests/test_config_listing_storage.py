@@ -12,6 +12,7 @@ from detectflow.config import RunConfig, parse_config
 from detectflow.errors import ConfigError, InputError
 from detectflow.listing import iter_images, read_index, write_listing
 from detectflow.pipeline import (
+    DECODE_BATCH,
     actor_threads,
     build_dataset,
     object_store_budget,
@@ -244,18 +245,41 @@ def test_resource_plan_uses_gpus_when_present_else_cpu_actors():
         plan_resources(RunConfig(num_actors=4), {"CPU": 2})
 
 
-def test_an_automatic_pool_has_no_more_actors_than_the_images_make_batches():
+def test_an_automatic_pool_has_no_more_actors_than_the_images_fill_blocks():
     one = plan_resources(RunConfig(), {"CPU": 8}, images=1)
     assert (one.num_actors, one.max_actors, one.cpus_per_actor) == (1, 1, 7.0)
-    assert plan_resources(RunConfig(), {"CPU": 8}, images=9).num_actors == 3  # batches of 4
+    # An actor gets whole decoded blocks (DECODE_BATCH images), however small its batches.
+    assert plan_resources(RunConfig(), {"CPU": 8}, images=DECODE_BATCH).num_actors == 1
+    assert plan_resources(RunConfig(), {"CPU": 8}, images=2 * DECODE_BATCH + 1).num_actors == 3
+    assert plan_resources(RunConfig(batch_size=1), {"CPU": 8}, images=5).num_actors == 1
     assert plan_resources(RunConfig(), {"CPU": 8}, images=1000).num_actors == 8
-    assert plan_resources(RunConfig(batch_size=1), {"CPU": 8}, images=5).num_actors == 5
-    gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 8}, images=20)  # batches of 16
+    # Batches larger than a block: Ray Data bundles blocks up to a batch for one actor.
+    big = RunConfig(batch_size=4 * DECODE_BATCH)
+    assert plan_resources(big, {"CPU": 8}, images=8 * DECODE_BATCH).num_actors == 2
+    gpu = plan_resources(RunConfig(), {"CPU": 16, "GPU": 8}, images=20)  # blocks of 16
     assert (gpu.device, gpu.num_actors, gpu.max_actors) == ("cuda", 2, 2)
     # A pool the user sized is kept.
     assert plan_resources(RunConfig(num_actors=3), {"CPU": 8}, images=1).num_actors == 3
     elastic = plan_resources(RunConfig(max_actors=6), {"CPU": 16, "GPU": 8}, images=1)
     assert (elastic.num_actors, elastic.max_actors) == (1, 6)
+
+
+def test_ray_data_hands_an_actor_whole_blocks_as_the_automatic_pool_assumes(ray_local):
+    """What the cap above relies on: each decoded block (DECODE_BATCH rows) is inferred whole by
+    one actor however small the batches, so a pool larger than the blocks has idle actors."""
+    import ray.data
+
+    class Pid:  # defined here: Ray's workers can't import a test module
+        def __call__(self, batch: dict) -> dict:
+            return batch | {"pid": [os.getpid()] * len(batch["id"])}
+
+    ds = ray.data.range(2 * DECODE_BATCH, override_num_blocks=2).map_batches(
+        lambda b: b, batch_size=DECODE_BATCH, max_calls=0)
+    rows = ds.map_batches(Pid, batch_size=4, compute=ray.data.ActorPoolStrategy(size=2),
+                          num_cpus=0.5).take_all()
+    by_block = {block: {r["pid"] for r in rows if r["id"] // DECODE_BATCH == block}
+                for block in (0, 1)}
+    assert [len(pids) for pids in by_block.values()] == [1, 1], by_block
 
 
 def test_object_store_budget_scales_with_the_pool_and_never_takes_half_the_store():
