@@ -114,8 +114,9 @@ def plan_resources(cfg: RunConfig, cluster: dict[str, float], nodes: int = 1,
     when the cluster has GPUs, else CPU actors: on one machine one per core (up to
     ``MAX_AUTO_CPU_ACTORS``), on a multi-node CPU cluster 1 by default. A pool sized
     automatically has no more actors than ``images`` (those to infer) fill decoded blocks: Ray
-    Data hands an actor whole blocks, so an actor beyond them would load a model for nothing. Decoding gets the CPUs the actors leave; it must get at least
-    ``decode_cpus``, or the pipeline could never make progress.
+    Data hands an actor whole blocks, so an actor beyond them would load a model for nothing.
+    Decoding gets the CPUs the actors leave; it must get at least ``decode_cpus``, or the
+    pipeline could never make progress.
     """
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     if cfg.device == "cuda" and gpus == 0:
