@@ -10,7 +10,7 @@ from fresh import run_fresh
 def local_ray():
     """A run's local Ray, from its start (the warm-up) to its shutdown, in a fresh interpreter."""
     return run_fresh("""
-        import json, os, ray
+        import json, os, ray, time
         from detectflow import orchestration, raycluster
         env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
         before = os.environ.get("PREFECT_API_URL")
@@ -64,9 +64,15 @@ def local_ray():
             except OSError:
                 return False
 
+        # A worker exits by itself once its raylet is gone, so on a busy machine a moment later.
+        deadline = time.monotonic() + 10
+        while True:
+            left = [p for ps in pids.values() for p in ps if running(p)]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         print(json.dumps(found | {
-            "pids": pids, "initialized": ray.is_initialized(),
-            "running": [p for ps in pids.values() for p in ps if running(p)]}))
+            "pids": pids, "initialized": ray.is_initialized(), "running": left}))
         """, timeout=180)
 
 
