@@ -10,7 +10,7 @@ from fresh import run_fresh
 def local_ray():
     """A run's local Ray, from its start (the warm-up) to its shutdown, in a fresh interpreter."""
     return run_fresh("""
-        import json, os, ray, time
+        import json, os, sys, ray
         from detectflow import orchestration, raycluster
         env = {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
         before = os.environ.get("PREFECT_API_URL")
@@ -65,12 +65,10 @@ def local_ray():
                 return False
 
         # A worker exits by itself once its raylet is gone, so on a busy machine a moment later.
-        deadline = time.monotonic() + 10
-        while True:
-            left = [p for ps in pids.values() for p in ps if running(p)]
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        sys.path.insert(0, "tests")  # only now: a job's workers get its driver's sys.path
+        from settle import settled
+        left = settled(lambda: [p for ps in pids.values() for p in ps if running(p)],
+                       lambda left: not left, timeout=10)
         print(json.dumps(found | {
             "pids": pids, "initialized": ray.is_initialized(), "running": left}))
         """, timeout=180)
