@@ -44,8 +44,8 @@ SMALL_MODEL = "fasterrcnn_mobilenet_v3_large_320_fpn"
 # `make test` hands whole modules to its workers in collection order (--dist loadfile, with
 # xdist's reordering by test count off): the longest go first, so that no worker is left
 # running one of them alone at the end (benchmarks/RESULTS.md, "Test suite").
-LONGEST_FIRST = ("test_deployments", "test_reliability", "test_incremental_runs", "test_cluster",
-                 "test_cli", "test_own_detector", "test_default_model", "test_bad_input",
+LONGEST_FIRST = ("test_deployments", "test_reliability", "test_incremental_runs", "test_cli",
+                 "test_cluster", "test_own_detector", "test_default_model", "test_bad_input",
                  "test_s3", "test_api_server", "test_torchvision_import", "test_flow",
                  "test_models", "test_lease", "test_allocator", "test_device_kit",
                  "test_raycluster", "test_file_names", "test_classes")
