@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "motorcycle.jpg", "rocket.jpg"]
 # Your own detector (a package.module:factory) on the cluster: its package travels with ours.
 MODEL = "examples.shapes.model:tiny_fasterrcnn"
-WEIGHTS = "s3://detectflow-in/weights/shapes.pth"
+WEIGHTS = "s3://detectflow-in/weights/shapes.pth"  # a copy of SHAPES_FILE
+SHAPES_FILE = ROOT / "examples" / "shapes" / "shapes_detector.pth"
 STAGES = {"list_images", "detect", "validate_sample", "write_parquet", "publish_manifest"}
 
 
@@ -213,8 +214,7 @@ def _s3_args(s3: str, run_id: str) -> list[str]:
 @pytest.fixture(scope="module")
 def fs(s3):
     fs = s3fs.S3FileSystem(endpoint_url=s3)
-    fs.put_file(str(ROOT / "examples" / "shapes" / "shapes_detector.pth"),
-                WEIGHTS.removeprefix("s3://"))
+    fs.put_file(str(SHAPES_FILE), WEIGHTS.removeprefix("s3://"))
     return fs
 
 
@@ -337,16 +337,16 @@ def test_local_input_is_refused_on_the_multi_node_cluster(cluster, fs, s3, prefe
 def test_same_detections_as_a_direct_model_call(cluster_run, fs, sample_dir):
     """Detections made across two nodes equal a plain per-image call of the same model on the
     same bytes (tests/test_flow.py checks the same of a one-node local Ray)."""
-    local_weights = ROOT / "examples" / "shapes" / "shapes_detector.pth"  # the file on S3
-    direct = models.load_model(MODEL, models.resolve_weights(MODEL, str(local_weights)),
+    direct = models.load_model(MODEL, models.resolve_weights(MODEL, str(SHAPES_FILE)),
                                score_threshold=0.3)
     rows = _rows(fs, "on-cluster")
-    assert [r["image_uri"].rsplit("/", 1)[1] for r in rows] == NAMES
+    names = [r["image_uri"].rsplit("/", 1)[1] for r in rows]
+    assert names == NAMES
     compared = 0
-    for row in rows:
+    for name, row in zip(names, rows):
         # torchvision's decoder and its float convention, not the pipeline's own
-        image = decode_image(str(sample_dir / row["image_uri"].rsplit("/", 1)[1]),
-                             mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        image = decode_image(str(sample_dir / name), mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True)
         with torch.inference_mode():
             out = direct([image.float() / 255])[0]
         keep = out["scores"] >= 0.3  # a factory's model knows no threshold: the run applies it
