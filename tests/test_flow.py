@@ -95,6 +95,8 @@ def test_manifest_describes_exactly_what_was_written(run, small_weights):
                                                        "publish_latest"}
     assert manifest["images_per_second"] > 0
     assert manifest["parameters"]["score_threshold"] == 0.3
+    # The Ray it ran on: the worker's one-node local Ray (a cluster's: tests/test_cluster.py).
+    assert (manifest["resources"]["nodes"], manifest["resources"]["cluster_cpus"]) == (1, 2.0)
     assert not (run_dir / "_staging").exists()
 
 
