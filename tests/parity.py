@@ -4,7 +4,11 @@ Boxes are matched one-to-one (same label, scores within tolerance, best IoU) rat
 position: near-saturated scores tie, and tied boxes may come out of NMS in either order.
 """
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
 
@@ -13,6 +17,20 @@ def as_prediction(row: dict) -> dict:
     return {"boxes": torch.tensor(row["boxes"]).reshape(-1, 4),
             "scores": torch.tensor(row["scores"]),
             "labels": torch.tensor(row["labels"], dtype=torch.int64)}
+
+
+def direct_prediction(model: torch.nn.Module, path: str | Path,
+                      preprocess: Callable | None = None,
+                      score_threshold: float | None = None) -> dict:
+    """``model``'s prediction for one image file, decoded by torchvision (an independent check
+    of the pipeline's own decoder). A factory's model knows no threshold: give the run's."""
+    image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    with torch.inference_mode():
+        out = model([preprocess(image) if preprocess else image.float() / 255])[0]
+    if score_threshold is None:
+        return out
+    keep = out["scores"] >= score_threshold
+    return {k: v[keep] for k, v in out.items()}
 
 
 def assert_same_detections(row: dict, ref: dict, iou: float = 0.99, score_tol: float = 1e-3):

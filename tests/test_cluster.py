@@ -17,13 +17,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-import torch
 from conftest import S3_SECRET
-from parity import assert_same_detections
+from parity import assert_same_detections, direct_prediction
 from prefect.client.orchestration import get_client
 from ray_nodes import LocalCluster, cmdline
 from settle import completed_task_runs, session_processes, settled
-from torchvision.io import ImageReadMode, decode_image
 
 from detectflow import models
 from detectflow.config import RunConfig, parse_config
@@ -344,13 +342,7 @@ def test_same_detections_as_a_direct_model_call(cluster_run, fs, sample_dir):
     assert names == NAMES
     compared = 0
     for name, row in zip(names, rows):
-        # torchvision's decoder and its float convention, not the pipeline's own
-        image = decode_image(str(sample_dir / name), mode=ImageReadMode.RGB,
-                             apply_exif_orientation=True)
-        with torch.inference_mode():
-            out = direct([image.float() / 255])[0]
-        keep = out["scores"] >= 0.3  # a factory's model knows no threshold: the run applies it
-        ref = {k: v[keep] for k, v in out.items()}
+        ref = direct_prediction(direct, sample_dir / name, score_threshold=0.3)
         assert_same_detections(row, ref)
         compared += len(ref["boxes"])
     assert compared > 0

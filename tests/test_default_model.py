@@ -6,9 +6,7 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from parity import assert_same_detections
-from torchvision.io import ImageReadMode, decode_image
+from parity import assert_same_detections, direct_prediction
 
 from detectflow import models
 from detectflow.config import DEFAULT_MODEL
@@ -39,9 +37,7 @@ def test_default_model_runs_end_to_end_with_parity(ray_local, prefect_api, defau
 
     direct = models.load_model(DEFAULT_MODEL, models.resolve_weights(DEFAULT_MODEL, str(weights)),
                                score_threshold=0.3)
-    image = decode_image(str(images / "chelsea.jpg"), mode=ImageReadMode.RGB,
-                         apply_exif_orientation=True)  # torchvision's decoder, not ours
-    with torch.inference_mode():
-        ref = direct([models.default_weights(DEFAULT_MODEL).transforms()(image)])[0]
+    ref = direct_prediction(direct, images / "chelsea.jpg",
+                            models.default_weights(DEFAULT_MODEL).transforms())
     assert len(ref["boxes"]) > 0
     assert_same_detections(row, ref)

@@ -9,11 +9,9 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from parity import assert_same_detections
+from parity import assert_same_detections, direct_prediction
 from prefect.client.orchestration import get_client
 from settle import completed_task_runs
-from torchvision.io import ImageReadMode, decode_image
 
 from detectflow import models, storage
 from detectflow.imaging import decode
@@ -202,11 +200,7 @@ def test_parity_with_a_direct_per_image_model_call(run, small_weights):
     _, tables = _read_table(run["dir"])
     compared = 0
     for row in tables[0].to_pylist():
-        # torchvision's own decoder: an independent check of ours (Pillow's) as well
-        image = decode_image(row["image_uri"], mode=ImageReadMode.RGB,
-                             apply_exif_orientation=True)
-        with torch.inference_mode():
-            ref = direct([preprocess(image)])[0]
+        ref = direct_prediction(direct, row["image_uri"], preprocess)
         assert_same_detections(row, ref)
         compared += len(ref["boxes"])
     assert compared > 0

@@ -14,10 +14,10 @@ import pytest
 import torch
 from export_readers import assert_boxes, images_dir, label_studio_coco, read_names, xyxy
 from faster_coco_eval import COCO, COCOeval_faster
+from parity import direct_prediction
 from PIL import Image
 from prefect.client.orchestration import get_client
 from settle import settled
-from torchvision.io import ImageReadMode, decode_image
 
 from detectflow import cli, storage
 
@@ -88,15 +88,12 @@ def direct_evaluation(held_out) -> COCOeval_faster:
         in_input.append(image["id"])
         if str(path) == held_out["broken"]:
             continue  # undecodable: no detections, its objects count as misses
-        pixels = decode_image(str(path), mode=ImageReadMode.RGB).float() / 255
-        with torch.inference_mode():
-            out = net([pixels])[0]
+        out = direct_prediction(net, path, score_threshold=THRESHOLD)
         for box, score, label in zip(out["boxes"].tolist(), out["scores"].tolist(),
                                      out["labels"].tolist()):
-            if score >= THRESHOLD:
-                x1, y1, x2, y2 = box
-                results.append({"image_id": image["id"], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "score": score, "category_id": cat_ids[names[label]]})
+            x1, y1, x2, y2 = box
+            results.append({"image_id": image["id"], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": score, "category_id": cat_ids[names[label]]})
     evaluator = COCOeval_faster(gt, gt.loadRes(results), "bbox", print_function=lambda *a: None)
     evaluator.params.imgIds = in_input
     evaluator.evaluate()
